@@ -1,0 +1,451 @@
+"""Model zoo for SAM experiments.
+
+All models are plain :class:`torch.nn.Module` s built from standard layers, with
+no in-place operations and no Python-side state, so they work with
+:func:`torch.func.functional_call` (the only state is the BatchNorm running
+statistics, which are ordinary buffers).
+
+Models (see :data:`MODELS`):
+
+* ``digits_cnn``: a small CNN for the 8x8 single-channel scikit-learn digits.
+* ``resnet20``, ``resnet32``, ``resnet56``: the CIFAR ResNets of He et al.,
+  "Deep Residual Learning for Image Recognition", CVPR 2016, Sec. 4.2, with the
+  parameter-free option-A shortcut.  ``skip=False`` gives the "noshort" variants
+  of Li et al., "Visualizing the Loss Landscape of Neural Nets", NeurIPS 2018.
+* ``wrn16_8``, ``wrn28_10``, ``wrn40_10``: the pre-activation Wide ResNets of
+  Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016 (dropout 0).
+  ``batchnorm=False`` gives the no-BN WRN-40-10 used for the Hessian spectra of
+  Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
+  Generalization", ICLR 2021.
+
+Initialisation: convolutions are Kaiming-normal (fan_out, ReLU gain) with zero
+bias, BatchNorm has weight 1 and bias 0, and linear layers keep PyTorch's
+default initialisation.  Without BatchNorm, residual networks additionally
+scale the last convolution of every residual branch by ``1 / sqrt(L)``, where
+``L`` is the number of residual blocks (see :func:`_scale_residual_branches`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MODELS",
+    "DigitsCNN",
+    "CifarResNet",
+    "WideResNet",
+    "available_models",
+    "build_model",
+    "digits_cnn",
+    "resnet20",
+    "resnet32",
+    "resnet56",
+    "wrn16_8",
+    "wrn28_10",
+    "wrn40_10",
+]
+
+
+# --------------------------------------------------------------------------- #
+# Shared helpers
+# --------------------------------------------------------------------------- #
+def _conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
+
+
+def _norm(channels: int, batchnorm: bool) -> nn.Module:
+    return nn.BatchNorm2d(channels) if batchnorm else nn.Identity()
+
+
+def _init_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out, ReLU) convs with zero bias; BatchNorm weight 1, bias 0.
+
+    He et al., "Delving Deep into Rectifiers", ICCV 2015.  Linear layers keep
+    PyTorch's default initialisation.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+@torch.no_grad()
+def _scale_residual_branches(blocks: list[nn.Module]) -> None:
+    """Scale the last conv of each residual branch by ``1 / sqrt(len(blocks))``.
+
+    Used only without BatchNorm.  With Kaiming init each residual branch roughly
+    preserves the second moment of its input, so without normalisation it doubles
+    at every block and explodes as ``2**L`` (SkipInit: De & Smith, "Batch
+    Normalization Biases Residual Blocks Towards the Identity Function in Deep
+    Networks", NeurIPS 2020).  Scaling the branch by ``L**-0.5`` bounds the growth
+    by ``(1 + 1/L)**L <= e``, the same variance argument as Fixup (Zhang, Dauphin &
+    Ma, "Fixup Initialization", ICLR 2019).  Unlike Fixup we do not zero-init the
+    branch: a zero conv blocks the gradient to the conv before it, which leaves
+    the Hessian at initialisation degenerate and would kill a network without
+    shortcuts.  Each block must expose its last branch conv as ``conv2``.
+    """
+    scale = 1.0 / math.sqrt(len(blocks))
+    for block in blocks:
+        block.conv2.weight.mul_(scale)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
+
+
+# --------------------------------------------------------------------------- #
+# Digits CNN
+# --------------------------------------------------------------------------- #
+class DigitsCNN(nn.Module):
+    """Small CNN for the 8x8 scikit-learn digits (~57k parameters).
+
+    ``conv3x3(in, 32)-BN-ReLU, conv3x3(32, 64)-BN-ReLU, maxpool2 (8x8 -> 4x4),
+    conv3x3(64, 64)-BN-ReLU, global average pool, Linear(64, num_classes)``.
+    The receptive field of the last conv (10x10) covers the whole image, so
+    global pooling loses nothing essential.
+
+    Args:
+        num_classes: Number of output logits.
+        in_channels: Number of input channels (1 for the digits).
+        batchnorm: If False, BatchNorm is replaced by ``nn.Identity`` and the
+            convolutions get biases.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, batchnorm: bool = True) -> None:
+        super().__init__()
+        bias = not batchnorm
+        self.conv1 = _conv3x3(in_channels, 32, bias=bias)
+        self.bn1 = _norm(32, batchnorm)
+        self.conv2 = _conv3x3(32, 64, bias=bias)
+        self.bn2 = _norm(64, batchnorm)
+        self.conv3 = _conv3x3(64, 64, bias=bias)
+        self.bn3 = _norm(64, batchnorm)
+        self.fc = nn.Linear(64, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.max_pool2d(x, 2)
+        x = F.relu(self.bn3(self.conv3(x)))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(x)
+
+
+# --------------------------------------------------------------------------- #
+# CIFAR ResNets (He et al. 2016, Sec. 4.2)
+# --------------------------------------------------------------------------- #
+class _PadShortcut(nn.Module):
+    """Option-A shortcut: stride subsampling plus zero channel padding (no parameters)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.extra_channels = out_channels - in_channels
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+
+
+class _BasicBlock(nn.Module):
+    """Post-activation basic block: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``.
+
+    ``shortcut`` is ``nn.Identity``, a :class:`_PadShortcut`, or ``None`` when
+    ``skip=False`` (then the block is ``relu(branch(x))``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, batchnorm: bool, skip: bool) -> None:
+        super().__init__()
+        bias = not batchnorm
+        self.conv1 = _conv3x3(in_channels, out_channels, stride, bias=bias)
+        self.bn1 = _norm(out_channels, batchnorm)
+        self.conv2 = _conv3x3(out_channels, out_channels, 1, bias=bias)
+        self.bn2 = _norm(out_channels, batchnorm)
+        self.shortcut: nn.Module | None
+        if not skip:
+            self.shortcut = None
+        elif stride == 1 and in_channels == out_channels:
+            self.shortcut = nn.Identity()
+        else:
+            self.shortcut = _PadShortcut(in_channels, out_channels, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)
+        return F.relu(out)
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet of depth ``6n + 2`` (He et al., CVPR 2016, Sec. 4.2).
+
+    A 3x3 stem conv with 16 channels, three stages of ``n`` basic blocks with
+    widths 16/32/64 (stride 2 at the start of stages 2 and 3), global average
+    pooling and a linear classifier.  Shortcuts are option A (identity, or
+    stride-2 subsampling plus zero-padded channels), so ResNet-20 has exactly
+    272,474 parameters with 10 classes.
+
+    Args:
+        depth: Total depth, ``6n + 2`` (20, 32, 44, 56, 110, ...).
+        num_classes: Number of output logits.
+        in_channels: Number of input channels.
+        batchnorm: If False, BatchNorm is replaced by ``nn.Identity``, the convs
+            get biases and the residual branches are down-scaled at init (see
+            :func:`_scale_residual_branches`).
+        skip: If False, the shortcuts are removed entirely ("ResNet-56-noshort",
+            Li et al., NeurIPS 2018).
+
+    Raises:
+        ValueError: If ``depth`` is not of the form ``6n + 2`` with ``n >= 1``.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        batchnorm: bool = True,
+        skip: bool = True,
+    ) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6 != 0:
+            raise ValueError(f"CifarResNet depth must be 6n + 2 with n >= 1 (20, 32, 56, ...), got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = _conv3x3(in_channels, 16, bias=not batchnorm)
+        self.bn1 = _norm(16, batchnorm)
+        stages = []
+        width_in = 16
+        for width, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(_BasicBlock(width_in, width, stride if i == 0 else 1, batchnorm, skip))
+                width_in = width
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(64, num_classes)
+        _init_weights(self)
+        if skip and not batchnorm:
+            _scale_residual_branches([b for stage in stages for b in stage])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(x)
+
+
+# --------------------------------------------------------------------------- #
+# Wide ResNets (Zagoruyko & Komodakis 2016)
+# --------------------------------------------------------------------------- #
+class _PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016).
+
+    ``branch = conv2(relu(bn2(conv1(relu(bn1(x))))))``.  When the shape changes,
+    the shortcut is a 1x1 conv applied to ``relu(bn1(x))`` (as in the reference
+    WRN code); otherwise it is the identity on ``x``.  ``skip=False`` drops the
+    shortcut (``shortcut is None``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, batchnorm: bool, skip: bool) -> None:
+        super().__init__()
+        bias = not batchnorm
+        self.bn1 = _norm(in_channels, batchnorm)
+        self.conv1 = _conv3x3(in_channels, out_channels, stride, bias=bias)
+        self.bn2 = _norm(out_channels, batchnorm)
+        self.conv2 = _conv3x3(out_channels, out_channels, 1, bias=bias)
+        self.equal_in_out = stride == 1 and in_channels == out_channels
+        self.shortcut: nn.Module | None
+        if not skip:
+            self.shortcut = None
+        elif self.equal_in_out:
+            self.shortcut = nn.Identity()
+        else:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(act))))
+        if self.shortcut is None:
+            return out
+        return out + self.shortcut(x if self.equal_in_out else act)
+
+
+class WideResNet(nn.Module):
+    """WRN-d-k (Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016), dropout 0.
+
+    A 3x3 stem conv with 16 channels, three stages of ``(d - 4) / 6``
+    pre-activation basic blocks with widths 16k/32k/64k (stride 2 at the start
+    of stages 2 and 3), a final BN-ReLU, global average pooling and a linear
+    classifier.  1x1 conv shortcuts where the shape changes.
+
+    Args:
+        depth: Total depth ``d``, ``6n + 4`` (16, 28, 40, ...).
+        widen_factor: Width multiplier ``k``.
+        num_classes: Number of output logits.
+        in_channels: Number of input channels.
+        batchnorm: If False, BatchNorm is replaced by ``nn.Identity``, the convs
+            get biases and the residual branches are down-scaled at init (see
+            :func:`_scale_residual_branches`).  This is the no-BN WRN of the SAM
+            paper's Hessian experiment (Foret et al., ICLR 2021).
+        skip: If False, all shortcuts (including the 1x1 convs) are removed,
+            as in the "noshort" Wide ResNets of Li et al., NeurIPS 2018.
+
+    Raises:
+        ValueError: If ``depth`` is not ``6n + 4`` with ``n >= 1`` or
+            ``widen_factor`` is not a positive int.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        widen_factor: int,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        batchnorm: bool = True,
+        skip: bool = True,
+    ) -> None:
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6 != 0:
+            raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1 (16, 28, 40, ...), got {depth}")
+        _check_positive_int("widen_factor", widen_factor)
+        n = (depth - 4) // 6
+        widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        self.conv1 = _conv3x3(in_channels, 16, bias=not batchnorm)
+        stages = []
+        width_in = 16
+        for width, stride in zip(widths, (1, 2, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(_PreActBlock(width_in, width, stride if i == 0 else 1, batchnorm, skip))
+                width_in = width
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.bn = _norm(widths[-1], batchnorm)
+        self.fc = nn.Linear(widths[-1], num_classes)
+        _init_weights(self)
+        if skip and not batchnorm:
+            _scale_residual_branches([b for stage in stages for b in stage])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = F.relu(self.bn(x))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(x)
+
+
+# --------------------------------------------------------------------------- #
+# Factories and registry
+# --------------------------------------------------------------------------- #
+def digits_cnn(*, num_classes: int = 10, in_channels: int = 1, batchnorm: bool = True, skip: bool = True) -> DigitsCNN:
+    """Small CNN for 8x8 digits; see :class:`DigitsCNN`.
+
+    Raises:
+        ValueError: If ``skip=False``: the model has no skip connections to remove.
+    """
+    if not skip:
+        raise ValueError("skip=False is not supported by 'digits_cnn' (it has no skip connections); use skip=True")
+    return DigitsCNN(num_classes=num_classes, in_channels=in_channels, batchnorm=batchnorm)
+
+
+def resnet20(*, num_classes: int = 10, in_channels: int = 3, batchnorm: bool = True, skip: bool = True) -> CifarResNet:
+    """ResNet-20 (n = 3), 272,474 parameters with 10 classes; see :class:`CifarResNet`."""
+    return CifarResNet(20, num_classes, in_channels, batchnorm, skip)
+
+
+def resnet32(*, num_classes: int = 10, in_channels: int = 3, batchnorm: bool = True, skip: bool = True) -> CifarResNet:
+    """ResNet-32 (n = 5); see :class:`CifarResNet`."""
+    return CifarResNet(32, num_classes, in_channels, batchnorm, skip)
+
+
+def resnet56(*, num_classes: int = 10, in_channels: int = 3, batchnorm: bool = True, skip: bool = True) -> CifarResNet:
+    """ResNet-56 (n = 9); ``skip=False`` is Li et al.'s ResNet-56-noshort; see :class:`CifarResNet`."""
+    return CifarResNet(56, num_classes, in_channels, batchnorm, skip)
+
+
+def wrn16_8(*, num_classes: int = 10, in_channels: int = 3, batchnorm: bool = True, skip: bool = True) -> WideResNet:
+    """WRN-16-8; see :class:`WideResNet`."""
+    return WideResNet(16, 8, num_classes, in_channels, batchnorm, skip)
+
+
+def wrn28_10(*, num_classes: int = 10, in_channels: int = 3, batchnorm: bool = True, skip: bool = True) -> WideResNet:
+    """WRN-28-10, 36,479,194 parameters with 10 classes; see :class:`WideResNet`."""
+    return WideResNet(28, 10, num_classes, in_channels, batchnorm, skip)
+
+
+def wrn40_10(*, num_classes: int = 10, in_channels: int = 3, batchnorm: bool = True, skip: bool = True) -> WideResNet:
+    """WRN-40-10; ``batchnorm=False`` is the SAM paper's Hessian model; see :class:`WideResNet`."""
+    return WideResNet(40, 10, num_classes, in_channels, batchnorm, skip)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "digits_cnn": digits_cnn,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet56": resnet56,
+    "wrn16_8": wrn16_8,
+    "wrn28_10": wrn28_10,
+    "wrn40_10": wrn40_10,
+}
+"""Registry: model name -> factory taking keyword arguments
+``num_classes``, ``in_channels``, ``batchnorm`` and ``skip``."""
+
+
+def available_models() -> list[str]:
+    """Return the registered model names, sorted."""
+    return sorted(MODELS)
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int = 10,
+    in_channels: int | None = None,
+    batchnorm: bool = True,
+    skip: bool = True,
+) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: One of :func:`available_models`.
+        num_classes: Number of output logits.
+        in_channels: Number of input channels; ``None`` uses the model's
+            default (1 for ``digits_cnn``, 3 for the CIFAR models).
+        batchnorm: If False, build the variant without BatchNorm.
+        skip: If False, build the variant without shortcut connections
+            (residual networks only).
+
+    Returns:
+        The freshly initialised model, in training mode.
+
+    Raises:
+        ValueError: If ``name`` is not registered, an argument has the wrong
+            type or value, or a flag is not supported by the model.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model name {name!r}; available models: {', '.join(available_models())}")
+    _check_positive_int("num_classes", num_classes)
+    _check_bool("batchnorm", batchnorm)
+    _check_bool("skip", skip)
+    kwargs: dict[str, object] = {"num_classes": num_classes, "batchnorm": batchnorm, "skip": skip}
+    if in_channels is not None:
+        _check_positive_int("in_channels", in_channels)
+        kwargs["in_channels"] = in_channels
+    return MODELS[name](**kwargs)

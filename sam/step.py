@@ -1,0 +1,131 @@
+"""One training step for any optimizer: plain torch optimizers and every SAM variant.
+
+:func:`train_step` is the single place that knows how the passes of a step are ordered, so the
+trainer, the benchmarks and hand-written loops share it:
+
+* pass 1 at ``w`` (BatchNorm running statistics updated here, once per step);
+* ``optimizer.ascent_steps`` ascent passes at ``w + eps`` with running statistics frozen;
+* m-SAM repeats both per chunk of ``m`` examples (statistics updated by the first chunk only, as
+  DistributedDataParallel keeps rank 0's buffers);
+* restore ``w``, optionally unscale (AMP) and clip the final gradient, step the base optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .optim import MSAM, SAM, frozen_running_stats
+
+__all__ = ["StepResult", "train_step"]
+
+
+@dataclass
+class StepResult:
+    """What one step measured, as device tensors (no host synchronisation).
+
+    Attributes:
+        loss: mean loss over the batch at ``w`` (before the update).
+        correct: number of correctly classified examples at ``w``.
+        grad_norm: L2 norm of the final gradient before clipping (the one the base optimizer used).
+        skipped: True if the step was skipped because pass 1 overflowed under fp16 AMP.
+    """
+
+    loss: Tensor
+    correct: Tensor
+    grad_norm: Tensor
+    skipped: bool = False
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    grad_scaler: torch.amp.GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    max_grad_norm: float | None = None,
+) -> StepResult:
+    """Run one optimisation step of ``optimizer`` on the batch ``(x, y)``.
+
+    Args:
+        model: the network, in train mode.
+        optimizer: a plain ``torch.optim`` optimizer or any :class:`sam.optim.SAM` variant.
+        loss_fn: mean-reduced loss, ``loss_fn(logits, y)``.
+        x, y: the batch, already on the model's device.
+        grad_scaler: ``GradScaler`` for fp16 autocast (``None`` for fp32/bf16).
+        autocast_dtype: run forward passes under ``torch.autocast`` with this dtype (bf16 or fp16).
+        max_grad_norm: clip the final gradient to this L2 norm (the perturbation uses the raw one).
+
+    Returns:
+        The step's loss, number correct and final gradient norm at ``w``.
+    """
+    batch = x.shape[0]
+    scale = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+    device_type = x.device.type
+
+    def forward_backward(chunk: slice, update_stats: bool) -> tuple[Tensor, Tensor]:
+        autocast = (
+            torch.autocast(device_type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with frozen_running_stats(model, enabled=not update_stats), autocast:
+            logits = model(x[chunk])
+            loss = loss_fn(logits, y[chunk])
+        (scale.scale(loss) if scale is not None else loss).backward()
+        return loss.detach().float(), (logits.detach().argmax(dim=1) == y[chunk]).sum()
+
+    optimizer.zero_grad(set_to_none=True)
+    if not isinstance(optimizer, SAM):
+        loss, correct = forward_backward(slice(None), update_stats=True)
+        grad_norm = _unscale_and_clip(optimizer, optimizer, scale, max_grad_norm)
+        if scale is not None:
+            scale.step(optimizer)
+        else:
+            optimizer.step()
+        return StepResult(loss, correct, grad_norm)
+
+    chunks = optimizer.chunks(batch) if isinstance(optimizer, MSAM) else [slice(0, batch)]
+    ascent_steps = optimizer.ascent_steps
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    for i, chunk in enumerate(chunks):
+        weight = (chunk.stop - chunk.start) / batch
+        chunk_loss, chunk_correct = forward_backward(chunk, update_stats=i == 0)
+        loss += chunk_loss * weight
+        correct += chunk_correct
+        for _ in range(ascent_steps):
+            if not optimizer.first_step(zero_grad=True, grad_scaler=scale):
+                optimizer.second_step(zero_grad=True, grad_scaler=scale)
+                return StepResult(loss, correct, torch.full((), float("nan"), device=x.device), skipped=True)
+            forward_backward(chunk, update_stats=False)
+        if isinstance(optimizer, MSAM) and ascent_steps > 0:
+            optimizer.end_chunk(weight)
+    optimizer.restore()
+    grad_norm = _unscale_and_clip(optimizer, optimizer.base_optimizer, scale, max_grad_norm)
+    optimizer.second_step(grad_scaler=scale)
+    return StepResult(loss, correct, grad_norm)
+
+
+def _unscale_and_clip(
+    optimizer: torch.optim.Optimizer,
+    base: torch.optim.Optimizer,
+    scale: torch.amp.GradScaler | None,
+    max_grad_norm: float | None,
+) -> Tensor:
+    """Unscale (AMP) and clip the final gradient; return its norm before clipping."""
+    if scale is not None:
+        scale.unscale_(base)
+    params = [w for group in optimizer.param_groups for w in group["params"] if w.grad is not None]
+    if max_grad_norm is not None:
+        return nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not params:
+        return torch.zeros(())
+    return nn.utils.get_total_norm([w.grad for w in params])
