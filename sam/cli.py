@@ -40,7 +40,7 @@ _TRAIN_HELP: dict[str, str] = {
     "momentum": "SGD momentum",
     "nesterov": "Nesterov momentum (SGD)",
     "weight_decay": "weight decay of the base optimizer",
-    "rho": "SAM radius rho (ASAM typically 0.5-2.0)",
+    "rho": "SAM radius rho; default: the optimizer's own (0.05, ASAM 0.5)",
     "eta": "ASAM offset eta in T = |w| + eta",
     "p": "norm of the SAM ball (2 or inf)",
     "m": "m-SAM: examples per perturbation chunk",
@@ -104,7 +104,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
             kwargs.update(type=float, nargs="+")
         elif f.name == "data_root":
             kwargs["type"] = str
-        elif f.name in ("rho_min", "max_grad_norm") or isinstance(default, float):
+        elif f.name in ("rho", "rho_min", "max_grad_norm") or isinstance(default, float):
             kwargs["type"] = float
         elif isinstance(default, int):
             kwargs["type"] = int
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     train_parser.add_argument("--out", type=Path, required=True, help="run directory to write (must be new unless --resume)")
-    train_parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train_parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (start it if there is none)")
     train_parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     _add_train_flags(train_parser)
     train_parser.set_defaults(handler=_run_train)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .perturbation import dual_direction_, dual_exponent, project_
+from .perturbation import dual_direction_, dual_exponent, global_norm, project_
 
 __all__ = [
     "SAM",
@@ -131,6 +131,8 @@ class SAM(torch.optim.Optimizer):
         >>> loss = opt.step(closure)
     """
 
+    _single_ascent = True  # first_step is called once per step (MultiStepSAM: several times)
+
     def __init__(
         self,
         base_optimizer: torch.optim.Optimizer,
@@ -164,7 +166,7 @@ class SAM(torch.optim.Optimizer):
             self.__dict__.pop(key, None)
         self.defaults = {**base_optimizer.defaults, **sam_defaults}
         for group in base_optimizer.param_groups:
-            group.update(sam_defaults)
+            self._init_group(group)
         self._scratch: dict[str, dict[Tensor, Tensor]] = {}
         self._active: _Active | None = None
         self._skipped = False
@@ -209,9 +211,17 @@ class SAM(torch.optim.Optimizer):
         if not self.__dict__.get("_linked"):
             super().add_param_group(param_group)
             return
-        sam_values = {k: param_group.pop(k, self.defaults[k]) for k in _SAM_GROUP_KEYS}
         self.base_optimizer.add_param_group(param_group)
-        self.base_optimizer.param_groups[-1].update(sam_values)
+        self._init_group(self.base_optimizer.param_groups[-1])
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        """Fill in this wrapper's per-group settings where the group does not set them itself.
+
+        A base optimizer built with per-group values (``SGD([{"params": a, "rho": 0.0}, ...])``) keeps
+        them; groups restored from a plain base-optimizer checkpoint get the wrapper's defaults.
+        """
+        for key in _SAM_GROUP_KEYS:
+            group.setdefault(key, self.defaults[key])
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus a ``"sam"`` entry with this wrapper's counters.
@@ -226,6 +236,8 @@ class SAM(torch.optim.Optimizer):
         state = dict(state_dict)
         extra = state.pop("sam", {})
         self.base_optimizer.load_state_dict(state)
+        for group in self.param_groups:
+            self._init_group(group)
         self._load_extra_state(extra)
         self._active = None
         self._skipped = False
@@ -279,17 +291,27 @@ class SAM(torch.optim.Optimizer):
             return True
 
         grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in active.params]
+        if self._single_ascent and self.p == 2.0 and not active.adaptive:
+            if not self._euclidean_step(active, grads, starting, grad_scaler):
+                if zero_grad:
+                    self.zero_grad()
+                return False
+            if starting:
+                self._on_first_gradient(active, grads)
+            if zero_grad:
+                self.zero_grad()
+            return True
+
         direction = self._buffers("direction", active.params)
         torch._foreach_copy_(direction, grads)
         if active.adaptive:
             torch._foreach_mul_(_pick(direction, active.adaptive), self._scales(active))
-        norm = dual_direction_(direction, self.p)
-        if _amp_enabled(grad_scaler) and not bool(torch.isfinite(norm)):
+        if _amp_enabled(grad_scaler) and not _all_finite(grads):
             self._skip(grad_scaler)
             if zero_grad:
                 self.zero_grad()
             return False
-
+        dual_direction_(direction, self.p)
         delta = self._ascend(direction, starting)
         self._move_to(active, delta, from_backup=not starting)
         if starting:
@@ -324,6 +346,9 @@ class SAM(torch.optim.Optimizer):
             else:
                 self.base_optimizer.step()
             self.step_count += 1
+            # An LR scheduler attached to this wrapper wraps step() to set this flag; a loop that
+            # drives first_step/second_step has stepped all the same.
+            self._opt_called = True
         if zero_grad:
             self.zero_grad()
 
@@ -349,6 +374,29 @@ class SAM(torch.optim.Optimizer):
             closure()
         self.second_step(grad_scaler=grad_scaler)
         return loss
+
+    def _euclidean_step(
+        self, active: _Active, grads: list[Tensor], starting: bool, grad_scaler: torch.amp.GradScaler | None
+    ) -> bool:
+        """The common case, ``eps = rho g / ||g||_2``, in one fused pass over the weights.
+
+        ``w <- w + s g`` with the 0-dim device tensor ``s = rho / ||g||``: a broadcast ``addcmul_`` on
+        the CPU (one read of ``w`` and ``g``, one write), ``mul`` + ``add_`` fused kernels on a GPU.
+        """
+        if _amp_enabled(grad_scaler) and not _all_finite(grads):
+            self._skip(grad_scaler)
+            return False
+        norm = global_norm(grads, 2.0)
+        if not starting:
+            torch._foreach_copy_(active.params, self._buffers("w0", active.params))
+        inverse = 1.0 / norm.clamp_min(1e-12)
+        scale_of = {rho: inverse * rho for rho in set(self._current_rhos(active))}
+        scales = [scale_of[rho] for rho in self._current_rhos(active)]
+        if active.params[0].device.type == "cpu":
+            torch._foreach_addcmul_(active.params, grads, scales)
+        else:
+            torch._foreach_add_(active.params, torch._foreach_mul(grads, scales))
+        return True
 
     # -- hooks for the variants --------------------------------------------------------------------
 
@@ -411,8 +459,7 @@ class SAM(torch.optim.Optimizer):
         self._active = None
         # The scaler unscales the non-finite gradient, records the overflow and does not step.
         grad_scaler.step(self.base_optimizer)
-        self._skipped = True
-        self.step_count += 1
+        self._skipped = True  # not counted in step_count: EveryKSAM retries the SAM step next time
 
     def _buffers(self, name: str, params: list[Tensor]) -> list[Tensor]:
         """Persistent scratch tensors shaped like ``params``, allocated once and reused every step."""
@@ -457,6 +504,8 @@ class MultiStepSAM(SAM):
         steps: number of ascent steps ``k >= 1``.
         step_size: ``alpha``; ``None`` means each group's ``rho``.
     """
+
+    _single_ascent = False
 
     def __init__(
         self,
@@ -555,7 +604,11 @@ class GSAM(SAM):
         self.rho_min = rho_min
         self.lr_min = float(lr_min)
         for group in self.param_groups:
-            group.setdefault("gsam_lr_max", float(group.get("initial_lr", group["lr"])))
+            self._init_group(group)
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        super()._init_group(group)
+        group.setdefault("gsam_lr_max", float(group.get("initial_lr", group["lr"])))
 
     def rho_t(self, group: dict[str, Any]) -> float:
         """This step's radius for ``group`` (Zhuang et al. 2022, Sec. 5.1)."""
@@ -584,7 +637,7 @@ class GSAM(SAM):
         g = self._buffers("grad_at_w", params)
         dot = torch.stack([torch.sum(a * b) for a, b in zip(g, g_p)]).sum()
         sq_norm = torch.stack([torch.sum(b * b) for b in g_p]).sum()
-        coef = dot / (sq_norm + 1e-12)
+        coef = dot / sq_norm.clamp_min(1e-24)
         # g_p - alpha (g - coef g_p) = (1 + alpha coef) g_p - alpha g
         torch._foreach_mul_(g_p, 1.0 + self.alpha * coef)
         torch._foreach_add_(g_p, g, alpha=-self.alpha)
@@ -729,16 +782,20 @@ def create(name: str, params: Any, *, base: str = "sgd", **kwargs: Any) -> torch
         >>> type(opt).__name__, type(opt.base_optimizer).__name__
         ('SAM', 'SGD')
     """
-    key = name.lower()
-    if base not in BASE_OPTIMIZERS:
+    key, base_key = name.lower(), base.lower()
+    if base_key not in BASE_OPTIMIZERS:
         raise ValueError(f"unknown base optimizer {base!r}; choose one of {sorted(BASE_OPTIMIZERS)}")
     if key in BASE_OPTIMIZERS:
         return BASE_OPTIMIZERS[key](params, **kwargs)
     if key not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {available_optimizers()}")
     accepted = set(wrapper_arguments(key))
+    family = {k for cls in OPTIMIZERS.values() for k in inspect.signature(cls.__init__).parameters}
+    misplaced = sorted(k for k in kwargs if k in family and k not in accepted)
+    if misplaced:
+        raise ValueError(f"{key} does not take {misplaced}; it accepts {sorted(accepted)} plus the base optimizer's arguments")
     wrapper_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in accepted}
-    return OPTIMIZERS[key](BASE_OPTIMIZERS[base](params, **kwargs), **wrapper_kwargs)
+    return OPTIMIZERS[key](BASE_OPTIMIZERS[base_key](params, **kwargs), **wrapper_kwargs)
 
 
 def _pick(items: list[Tensor], indices: list[int]) -> list[Tensor]:
@@ -747,6 +804,16 @@ def _pick(items: list[Tensor], indices: list[int]) -> list[Tensor]:
 
 def _amp_enabled(grad_scaler: torch.amp.GradScaler | None) -> bool:
     return grad_scaler is not None and grad_scaler.is_enabled()
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element is finite, judged like ``GradScaler`` does: element by element.
+
+    The max-norm is finite exactly when all elements are (a 2-norm can overflow on finite values).
+    This reads the result back to the host; it runs only in the fp16 AMP path, where ``GradScaler``
+    synchronises every step anyway.
+    """
+    return bool(torch.isfinite(global_norm(tensors, math.inf)))
 
 
 def _check_float(name: str, value: float, minimum: float) -> None:

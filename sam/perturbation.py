@@ -27,7 +27,7 @@ from torch import Tensor
 
 __all__ = ["dual_exponent", "global_norm", "dual_direction_", "project_", "sam_perturbation"]
 
-_TINY = 1e-12
+_TINY = 1e-12  # norms are clamped to at least this: a zero gradient gives a zero perturbation
 
 
 def dual_exponent(p: float) -> float:
@@ -78,13 +78,13 @@ def dual_direction_(u: list[Tensor], p: float = 2.0) -> Tensor:
     if p == math.inf:
         torch._foreach_sign_(u)
     elif p == 2.0:
-        torch._foreach_mul_(u, 1.0 / (norm + _TINY))
+        torch._foreach_mul_(u, 1.0 / norm.clamp_min(_TINY))
     else:
         signs = torch._foreach_sign(u)
         torch._foreach_abs_(u)
         torch._foreach_pow_(u, q - 1.0)
         torch._foreach_mul_(u, signs)
-        torch._foreach_mul_(u, 1.0 / (norm.pow(q - 1.0) + _TINY))
+        torch._foreach_mul_(u, 1.0 / norm.pow(q - 1.0).clamp_min(_TINY))
     return norm
 
 
@@ -103,7 +103,7 @@ def project_(delta: list[Tensor], radius: Sequence[float], p: float = 2.0) -> No
             torch._foreach_clamp_max_(part, r)
         else:
             norm = global_norm(part, p)
-            torch._foreach_mul_(part, torch.clamp(r / (norm + _TINY), max=1.0))
+            torch._foreach_mul_(part, torch.clamp(r / norm.clamp_min(_TINY), max=1.0))
 
 
 def sam_perturbation(

@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 SCHEDULES = ("cosine", "step", "constant")
+CUSTOM_MODEL = "custom"  # config.model when train() is handed the user's own nn.Module
 AMP_MODES = ("none", "bf16", "fp16")
 
 
@@ -86,7 +87,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    rho: float = 0.05
+    rho: float | None = None  # None: the optimizer's own default (SAM 0.05, ASAM 0.5)
     eta: float = 0.01
     p: float = 2.0
     m: int = 16
@@ -111,7 +112,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _one_of("dataset", self.dataset, DATASET_NAMES)
-        _one_of("model", self.model, available_models())
+        _one_of("model", self.model, [*available_models(), CUSTOM_MODEL])
         _one_of("optimizer", self.optimizer, available_optimizers())
         _one_of("base_optimizer", self.base_optimizer, sorted(BASE_OPTIMIZERS))
         _one_of("schedule", self.schedule, SCHEDULES)
@@ -120,7 +121,9 @@ class TrainConfig:
             _at_least(name, getattr(self, name), 1)
         for name in ("seed", "snapshot_every"):
             _at_least(name, getattr(self, name), 0)
-        for name in ("lr", "weight_decay", "rho", "eta", "gsam_alpha", "warmup_epochs", "lr_gamma", "momentum"):
+        if self.rho is not None and (not math.isfinite(self.rho) or self.rho < 0):
+            raise ValueError(f"rho must be a finite number >= 0 or None; got {self.rho!r}")
+        for name in ("lr", "weight_decay", "eta", "gsam_alpha", "warmup_epochs", "lr_gamma", "momentum"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
@@ -191,7 +194,7 @@ def build_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
         "k": config.sam_every,
     }
     accepted = set(wrapper_arguments(name))
-    wrapper_kwargs = {k: v for k, v in candidates.items() if k in accepted}
+    wrapper_kwargs = {k: v for k, v in candidates.items() if k in accepted and v is not None}
     base_kwargs = _base_kwargs(config.base_optimizer, config)
     return create(name, params, base=config.base_optimizer, **base_kwargs, **wrapper_kwargs)
 
@@ -256,35 +259,38 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    model: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``config.model`` on ``config.dataset`` with ``config.optimizer``; write the run to ``out_dir``.
 
     Args:
         config: the run's settings.
         out_dir: the run directory. It must not hold a run already unless ``resume`` is True.
-        resume: continue the run saved in ``out_dir`` from its last finished epoch. The saved config
-            must equal ``config``.
+        resume: continue the run saved in ``out_dir`` from its last finished epoch (the saved config
+            must equal ``config``); with no run there yet, start one. A finished run is left as it is.
         progress: show tqdm progress bars.
         on_epoch_end: called with ``(epoch, metrics)`` after each epoch's checkpoint is written.
+        model: the user's own network (freshly initialised; it is trained in place) instead of a
+            registered one; ``config.model`` must then be ``"custom"``. Its class is recorded in
+            ``config.json``; resuming needs the same architecture.
 
     Returns:
         The trained model (on its device), the run directory and every epoch's metrics.
 
     Raises:
         FileExistsError: ``out_dir`` holds a run and ``resume`` is False.
-        FileNotFoundError: ``resume`` is True but ``out_dir`` holds no checkpoint.
+        ValueError: ``resume`` is True and ``out_dir`` holds a run with a different config.
         TrainingDiverged: the loss became NaN/inf; the checkpoint of the last good epoch is kept.
     """
     out = Path(out_dir)
     state_path, config_path, metrics_path = out / "state.pt", out / "config.json", out / "metrics.jsonl"
-    if resume:
-        if not state_path.exists():
-            raise FileNotFoundError(f"cannot resume: no checkpoint {state_path}; start a new run without --resume")
-        _check_same_config(config, config_path)
-    elif config_path.exists() or state_path.exists():
+    if not resume and (config_path.exists() or state_path.exists()):
         raise FileExistsError(
             f"{out} already holds a run; pass --resume to continue it, or choose another --out"
         )
+    if resume and config_path.exists():
+        _check_same_config(config, config_path)
+    resume = resume and state_path.exists()
 
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -296,13 +302,20 @@ def train(
         noise_seed=config.seed,
         test_fraction=config.test_fraction,
     )
-    model = build_model(
-        config.model,
-        num_classes=info.num_classes,
-        in_channels=info.in_channels,
-        batchnorm=config.batchnorm,
-        skip=config.skip,
-    ).to(device)
+    if (model is None) != (config.model != CUSTOM_MODEL):
+        raise ValueError(
+            f"pass model=<nn.Module> together with config.model={CUSTOM_MODEL!r}, or neither "
+            f"(got config.model={config.model!r} and model={type(model).__name__ if model is not None else None})"
+        )
+    if model is None:
+        model = build_model(
+            config.model,
+            num_classes=info.num_classes,
+            in_channels=info.in_channels,
+            batchnorm=config.batchnorm,
+            skip=config.skip,
+        )
+    model = model.to(device)
     optimizer = build_optimizer(config, model.parameters())
     base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
     loader = DeviceLoader(
@@ -343,6 +356,7 @@ def train(
             "train_size": len(train_split),
             "test_size": len(test_split),
             "num_parameters": sum(p.numel() for p in model.parameters()),
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "versions": {"sam_landscape": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
         atomic_write_json(config_path, {"config": dataclasses.asdict(config), "derived": derived})
@@ -448,20 +462,13 @@ def _write_checkpoint(
         "epoch": epoch,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scheduler": _scheduler_state(scheduler),
+        "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "rng_cpu": torch.get_rng_state(),
     }
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(device)
     atomic_torch_save(state, out / "state.pt")
-
-
-def _scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
-    """The scheduler's state without its lr function, which the config rebuilds on resume."""
-    state = scheduler.state_dict()
-    state.pop("lr_lambdas", None)
-    return state
 
 
 def _read_metrics(path: Path, before_epoch: int) -> list[dict[str, Any]]:

@@ -1,0 +1,108 @@
+"""The ``sam-landscape`` command line: help, one-line errors with exit code 2, a real run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sam.cli import build_parser, main
+from sam.trainer import TrainConfig
+
+
+def _help_text(capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_documents_every_flag_with_its_default(capsys):
+    text = " ".join(_help_text(capsys).split())
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            assert f"{flag} | --no-{f.name.replace('_', '-')}" in text
+        elif value is not None:
+            rendered = str(value) if not isinstance(value, list) else str(value)
+            assert f"(default: {rendered})" in text, f.name
+    for flag in ("--out", "--resume", "--no-progress"):
+        assert flag in text
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--out", "x", "--bogus"], "unrecognized arguments: --bogus"),
+        (["train", "--out", "x", "--model", "resnet9000"], "invalid choice: 'resnet9000'"),
+        (["train", "--out", "x", "--epochs", "many"], "invalid int value: 'many'"),
+        (["train"], "the following arguments are required: --out"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_flags_give_one_line_errors_and_exit_code_2(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert fragment in err
+
+
+def test_missing_dataset_directory_is_a_one_line_error(capsys, tmp_path):
+    code = main(["train", "--out", str(tmp_path / "run"), "--dataset", "cifar10", "--data-root", str(tmp_path / "nowhere")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "nowhere" in err and "not found" in err
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_bad_values_and_existing_runs_are_one_line_errors(capsys, tmp_path):
+    assert main(["train", "--out", str(tmp_path / "a"), "--lr", "-1"]) == 2
+    assert "lr must be a finite number >= 0" in capsys.readouterr().err
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text("{}")
+    assert main(["train", "--out", str(tmp_path / "b"), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "b" / "config.json").read_text() == "{}"
+
+
+def test_train_flags_reach_the_saved_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(
+        ["train", "--out", str(out), "--optimizer", "msam", "--m", "8", "--rho", "0.1", "--epochs", "1",
+         "--batch-size", "256", "--lr-milestones", "0.3", "0.6", "--schedule", "step", "--no-batchnorm", "--no-progress"]
+    )
+    assert code == 0
+    assert "test acc" in capsys.readouterr().out
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert saved["optimizer"] == "msam" and saved["m"] == 8 and saved["rho"] == 0.1
+    assert saved["lr_milestones"] == [0.3, 0.6] and saved["batchnorm"] is False
+    assert not any("BatchNorm" in k for k in torch.load(out / "model.pt", weights_only=True))
+
+
+@pytest.mark.skipif(shutil.which("sam-landscape") is None, reason="console script not installed")
+def test_console_script_runs_a_training_job(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run(
+        ["sam-landscape", "train", "--optimizer", "sam", "--epochs", "2", "--batch-size", "256", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "run saved in" in done.stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_module_entry_point_matches_console_script(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sam.cli", "train", "--help"], capture_output=True, text=True, check=True)
+    assert "--optimizer" in done.stdout
+    assert build_parser().prog == "sam-landscape"
