@@ -129,7 +129,43 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     _add_train_flags(train_parser)
     train_parser.set_defaults(handler=_run_train)
+
+    hessian_parser = sub.add_parser(
+        "hessian",
+        help="Hessian spectrum of a trained model: top eigenvalues, trace, eigenvalue density",
+        description="Top-k Hessian eigenvalues (Lanczos on exact Hessian-vector products), trace (Hutch++) "
+        "and, with --density, the eigenvalue density (stochastic Lanczos quadrature) of the training loss "
+        "of a saved run. Writes hessian.json and hessian.npz beside the run (or into --out).",
+        formatter_class=_HelpFormatter,
+    )
+    hessian_parser.add_argument("checkpoint", type=Path, help="run directory, or a model.pt / snapshot inside one")
+    hessian_parser.add_argument("--k", type=int, default=5, help="number of eigenvalues")
+    hessian_parser.add_argument("--which", choices=["LA", "SA", "LM"], default="LA",
+                                help="largest (LA), most negative (SA) or largest-magnitude (LM) eigenvalues")
+    hessian_parser.add_argument("--tol", type=float, default=1e-3, help="relative residual tolerance ||Hv - lv|| <= tol |l|")
+    hessian_parser.add_argument("--method", choices=["lanczos", "arpack", "power"], default="lanczos", help="eigensolver")
+    hessian_parser.add_argument("--max-matvecs", type=int, default=None, help="budget of Hessian-vector products (default: the solver's)")
+    hessian_parser.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True, help="estimate the trace")
+    hessian_parser.add_argument("--trace-method", choices=["hutch++", "hutchinson"], default="hutch++", help="trace estimator")
+    hessian_parser.add_argument("--trace-matvecs", type=int, default=99, help="Hessian-vector products for the trace")
+    hessian_parser.add_argument("--density", action="store_true", help="also compute the eigenvalue density (SLQ)")
+    hessian_parser.add_argument("--density-runs", type=int, default=10, help="SLQ: number of random start vectors")
+    hessian_parser.add_argument("--density-steps", type=int, default=80, help="SLQ: Lanczos steps per run")
+    _add_analysis_flags(hessian_parser, name="hessian")
+    hessian_parser.set_defaults(handler=_run_hessian)
     return parser
+
+
+def _add_analysis_flags(parser: argparse.ArgumentParser, name: str) -> None:
+    """Flags shared by the analysis commands."""
+    parser.add_argument("--split", choices=["train", "test"], default="train", help="data split to analyse")
+    parser.add_argument("--batch-size", type=int, default=1024, help="examples per forward pass")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="precision of the analysis")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random vectors")
+    parser.add_argument("--out", type=Path, default=None, help=f"where to write {name}.json/.npz (default: the run directory)")
+    parser.add_argument("--overwrite", action="store_true", help=f"replace existing {name} results")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -142,6 +178,69 @@ def _run_train(args: argparse.Namespace) -> int:
         f"train acc {final['train_acc']:.4f}, test acc {final['test_acc']:.4f}, "
         f"test loss {final['test_loss']:.4f}; run saved in {result.out_dir}"
     )
+    return 0
+
+
+def _run_hessian(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from landscape import hessian
+    from landscape._results import result_paths, save_results
+    from landscape.objective import Objective
+
+    from .trainer import load_run, resolve_device
+
+    for flag in ("k", "trace_matvecs", "density_runs", "density_steps", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1; got {getattr(args, flag)}")
+    device = resolve_device(args.device)
+    run = load_run(args.checkpoint, device=device)
+    out = args.out or run.run_dir
+    json_path, _ = result_paths(out, "hessian")
+    if json_path.exists() and not args.overwrite:
+        raise FileExistsError(f"{json_path} already exists; pass --overwrite to replace it")
+    split = run.train if args.split == "train" else run.test
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    start = time.perf_counter()
+    objective = Objective(run.model, F.cross_entropy, (split.x, split.y), device=device, dtype=dtype, batch_size=args.batch_size)
+    op = objective.hessian_operator()
+    problem = (run.model, F.cross_entropy, (split.x, split.y))
+    eig = hessian.top_eigenvalues(*problem, k=args.k, which=args.which, tol=args.tol, max_matvecs=args.max_matvecs,
+                                  method=args.method, seed=args.seed, progress=args.progress, operator=op)
+    scalars = {
+        "checkpoint": str(run.checkpoint), "checkpoint_sha256": run.checkpoint_sha256, "split": args.split,
+        "n_examples": objective.n_examples, "n_parameters": op.shape[0], "dtype": args.dtype, "device": str(device),
+        "hvp_method": objective.hvp_method, "seed": args.seed, "eigen": eig.to_dict(),
+    }
+    values = eig.eigenvalues.tolist()
+    scalars["lambda_max"] = values[0]
+    if len(values) >= 5 and args.which == "LA":
+        scalars["lambda_max_over_lambda_5"] = values[0] / values[4]
+    arrays = {"eigenvalues": np.asarray(values), "residuals": eig.residuals.numpy()}
+    if args.trace:
+        trace = hessian.hessian_trace(*problem, method=args.trace_method, n_matvecs=args.trace_matvecs,
+                                      seed=args.seed, progress=args.progress, operator=op)
+        scalars["trace"] = {"value": trace.value, "std_error": trace.std_error, "n_matvecs": trace.n_matvecs, "method": args.trace_method}
+    if args.density:
+        density = hessian.spectral_density(*problem, n_runs=args.density_runs, n_steps=args.density_steps,
+                                           seed=args.seed, progress=args.progress, operator=op)
+        scalars["density"] = {"n_runs": args.density_runs, "n_steps": args.density_steps, "sigma_squared": density.sigma_squared,
+                              "n_matvecs": density.n_matvecs}
+        arrays.update(density_grid=density.grid, density=density.density,
+                      density_nodes=np.asarray(density.nodes, dtype=np.float64), density_weights=np.asarray(density.weights, dtype=np.float64))
+    scalars["total_matvecs"] = op.n_matvecs
+    scalars["seconds"] = time.perf_counter() - start
+    json_path, npz_path = save_results(out, "hessian", scalars, arrays, overwrite=args.overwrite)
+    line = f"lambda_max {values[0]:.6g}"
+    if "lambda_max_over_lambda_5" in scalars:
+        line += f", lambda_max/lambda_5 {scalars['lambda_max_over_lambda_5']:.4g}"
+    if args.trace:
+        line += f", trace {scalars['trace']['value']:.6g} +- {scalars['trace']['std_error']:.2g}"
+    print(f"{line} ({op.n_matvecs} Hessian-vector products, converged: {eig.converged}); wrote {json_path} and {npz_path}")
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import platform
@@ -50,6 +51,8 @@ __all__ = [
     "lr_factor",
     "resolve_device",
     "load_run_config",
+    "LoadedRun",
+    "load_run",
 ]
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -495,6 +498,59 @@ def load_run_config(out_dir: str | Path) -> TrainConfig:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {out_dir} is not a sam-landscape run directory")
     return TrainConfig.from_dict(json.loads(path.read_text())["config"])
+
+
+@dataclass
+class LoadedRun:
+    """A trained model rebuilt from a run directory, with its data, ready for analysis."""
+
+    model: nn.Module
+    config: TrainConfig
+    train: Split
+    test: Split
+    run_dir: Path
+    checkpoint: Path
+    checkpoint_sha256: str
+
+
+def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild the model of a run and load its weights (``torch.load(weights_only=True)``).
+
+    Args:
+        path: a run directory (its ``model.pt`` is loaded), or a weights file inside one
+            (``model.pt`` or ``snapshots/epoch_XXXX.pt``).
+        device: where to put the model.
+
+    Returns:
+        The model in eval mode, the run's config, its train split (with the run's label noise) and
+        test split, and the checkpoint's path and SHA-256.
+    """
+    path = Path(path)
+    if path.is_dir():
+        run_dir, checkpoint = path, path / "model.pt"
+    elif path.is_file():
+        checkpoint = path
+        run_dir = path.parent if (path.parent / "config.json").exists() else path.parent.parent
+    else:
+        raise FileNotFoundError(f"{path} does not exist: pass a run directory or a checkpoint file inside one")
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"{checkpoint} not found: {run_dir} holds no finished epoch yet")
+    config = load_run_config(run_dir)
+    if config.model == CUSTOM_MODEL:
+        raise ValueError(
+            f"{run_dir} was trained with a user-defined module, which cannot be rebuilt from files; "
+            "load the weights into your module and use the Python API"
+        )
+    train_split, test_split, info = load_dataset(
+        config.dataset, root=config.data_root, download=False, label_noise=config.label_noise,
+        noise_seed=config.seed, test_fraction=config.test_fraction,
+    )
+    model = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                        batchnorm=config.batchnorm, skip=config.skip)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    model.to(torch.device(device)).eval()
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    return LoadedRun(model, config, train_split, test_split, run_dir, checkpoint, digest)
 
 
 def _one_of(name: str, value: Any, accepted: Any) -> None:

@@ -106,3 +106,48 @@ def test_module_entry_point_matches_console_script(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sam.cli", "train", "--help"], capture_output=True, text=True, check=True)
     assert "--optimizer" in done.stdout
     assert build_parser().prog == "sam-landscape"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "sgd"
+    assert main(["train", "--out", str(out), "--epochs", "2", "--batch-size", "256", "--no-progress"]) == 0
+    return out
+
+
+def test_hessian_command_writes_json_and_npz_beside_the_run(trained_run, capsys):
+    import numpy as np
+    import torch.nn.functional as F
+
+    from landscape import hessian
+    from sam.trainer import load_run
+
+    argv = ["hessian", str(trained_run), "--k", "2", "--tol", "1e-3", "--trace-matvecs", "6", "--split", "test",
+            "--density", "--density-runs", "2", "--density-steps", "4", "--no-progress"]
+    assert main(argv) == 0
+    assert "lambda_max" in capsys.readouterr().out
+    saved = json.loads((trained_run / "hessian.json").read_text())
+    arrays = np.load(trained_run / "hessian.npz")
+    assert saved["eigen"]["converged"] and saved["split"] == "test" and saved["n_examples"] == 360
+    assert saved["trace"]["n_matvecs"] == 6 and saved["density"]["n_runs"] == 2
+    assert np.trapezoid(arrays["density"], arrays["density_grid"]) == pytest.approx(1.0, abs=1e-3)
+    assert list(arrays["eigenvalues"]) == saved["eigen"]["eigenvalues"]
+
+    run = load_run(trained_run)
+    assert saved["checkpoint_sha256"] == run.checkpoint_sha256
+    reference = hessian.top_eigenvalues(run.model, F.cross_entropy, (run.test.x, run.test.y), k=2, tol=1e-6,
+                                        method="arpack", progress=False)
+    assert arrays["eigenvalues"] == pytest.approx(reference.eigenvalues.numpy(), rel=1e-3)
+
+    # results are never overwritten silently
+    assert main(argv) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (trained_run / "hessian.json").read_text() == json.dumps(saved, indent=2, sort_keys=True) + "\n"
+    assert main(["hessian", str(trained_run), "--k", "1", "--no-trace", "--split", "test", "--no-progress", "--overwrite"]) == 0
+    assert "density" not in json.loads((trained_run / "hessian.json").read_text())
+
+
+def test_hessian_command_rejects_a_missing_checkpoint(tmp_path, capsys):
+    assert main(["hessian", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "does not exist" in err

@@ -1,0 +1,183 @@
+"""The analysed objective against dense float64 references and its determinism check."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from landscape.objective import HessianOperator, NondeterministicObjective, Objective, ParamLayout, as_batches
+
+F64 = torch.float64
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    """Conv-BN-ReLU-Linear with non-trivial running statistics, in eval mode."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4))
+    with torch.no_grad():
+        model.train()
+        model(torch.randn(32, 1, 8, 8) * 2 + 0.5)
+    return model.eval()
+
+
+def small_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def cnn_data(n: int = 37, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def mlp_data(n: int = 41, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def dense_reference(model: nn.Module, X: torch.Tensor, y: torch.Tensor):
+    """Full-batch float64 loss, gradient and Hessian via torch.func on a flat parameter vector."""
+    reference = copy.deepcopy(model).to(F64).eval()
+    params = {k: v.detach() for k, v in reference.named_parameters()}
+    buffers = {k: v.detach() for k, v in reference.named_buffers()}
+    layout = ParamLayout.of(params)
+
+    def loss(flat):
+        return F.cross_entropy(torch.func.functional_call(reference, (layout.unflatten(flat), buffers), (X.to(F64),)), y)
+
+    flat = layout.flatten(params)
+    return layout, flat, loss(flat), torch.func.grad(loss)(flat), torch.func.hessian(loss)(flat)
+
+
+@pytest.mark.parametrize("make, data", [(small_mlp, mlp_data), (small_cnn, cnn_data)])
+def test_loss_gradient_and_hvps_match_dense_float64(make, data):
+    model = make()
+    X, y = data()
+    layout, flat, loss, gradient, hessian = dense_reference(model, X, y)
+    objective = Objective(model, F.cross_entropy, (X, y), dtype=F64, batch_size=10)  # 37/41 examples: ragged last batch
+    assert float(objective.loss()) == pytest.approx(float(loss), rel=1e-13)
+    assert torch.allclose(layout.flatten(objective.gradient()), gradient, rtol=1e-11, atol=1e-13)
+    v = torch.randn(flat.shape[0], dtype=F64, generator=torch.Generator().manual_seed(5))
+    for method in ("jvp", "double_backward"):
+        hv = layout.flatten(objective.hvp(layout.unflatten(v), method=method))
+        assert torch.allclose(hv, hessian @ v, rtol=1e-10, atol=1e-12), method
+    op = objective.hessian_operator()
+    assert isinstance(op, HessianOperator) and op.shape == (flat.shape[0], flat.shape[0])
+    assert torch.allclose(op.matvec(v), hessian @ v, rtol=1e-10, atol=1e-12)
+    assert op.n_matvecs == 1
+
+
+def test_batches_are_weighted_by_size_not_averaged():
+    """With a ragged last batch the mean of batch means differs from the dataset mean; L is the latter."""
+    model = small_mlp()
+    X, y = mlp_data(n=21)
+    batches = [(X[:20], y[:20]), (X[20:], y[20:])]
+    objective = Objective(model, F.cross_entropy, batches, dtype=F64)
+    with torch.no_grad():
+        full = F.cross_entropy(model.to(F64)(X.to(F64)), y)
+        mean_of_means = sum(F.cross_entropy(model(x.to(F64)), t) for x, t in batches) / 2
+    assert float(objective.loss()) == pytest.approx(float(full), rel=1e-13)
+    assert abs(float(mean_of_means) - float(full)) > 1e-3
+
+
+def test_every_data_form_gives_the_same_objective():
+    model = small_cnn()
+    X, y = cnn_data()
+    loader = DataLoader(TensorDataset(X, y), batch_size=8, shuffle=False)
+    batches = [(X[i : i + 8], y[i : i + 8]) for i in range(0, len(X), 8)]
+    values = [float(Objective(model, F.cross_entropy, d, dtype=F64, batch_size=8).loss()) for d in (loader, (X, y), batches)]
+    assert values[0] == pytest.approx(values[1], rel=1e-14) and values[1] == pytest.approx(values[2], rel=1e-14)
+
+
+def test_loss_and_accuracy_counts_correct_predictions():
+    model = small_mlp()
+    X, y = mlp_data()
+    objective = Objective(model, F.cross_entropy, (X, y), dtype=F64, batch_size=16)
+    loss, accuracy = objective.loss_and_accuracy()
+    with torch.no_grad():
+        logits = model.to(F64)(X.to(F64))
+    assert accuracy == int((logits.argmax(1) == y).sum()) / len(y)
+    assert loss == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-13)
+
+
+def test_the_users_module_is_never_left_modified():
+    model = small_cnn()
+    model.train()
+    model[1].eval()  # a mixed-mode model: flags must come back exactly as they were
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before_flags = [m.training for m in model.modules()]
+    X, y = cnn_data()
+    objective = Objective(model, F.cross_entropy, (X, y), dtype=F64, batch_size=8)
+    objective.loss()
+    objective.gradient()
+    objective.hvp({k: torch.ones_like(v) for k, v in objective.params.items()})
+    assert [m.training for m in model.modules()] == before_flags
+    for k, v in model.state_dict().items():
+        assert v.dtype == before_state[k].dtype and torch.equal(v, before_state[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_determinism_check_names_train_mode_batchnorm():
+    model = small_cnn().train()
+    with pytest.raises(NondeterministicObjective, match="BatchNorm in train mode.*BatchNorm2d"):
+        Objective(model, F.cross_entropy, cnn_data(), train_mode=True)
+    # the user's buffers were not touched by the failed check
+    assert model[1].num_batches_tracked.item() == 1
+
+
+def test_determinism_check_names_dropout_and_eval_mode_turns_it_off():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 50), nn.ReLU(), nn.Dropout(0.5), nn.Linear(50, 3)).train()
+    with pytest.raises(NondeterministicObjective, match="dropout.*Dropout"):
+        Objective(model, F.cross_entropy, mlp_data(), train_mode=True)
+    Objective(model, F.cross_entropy, mlp_data())  # eval mode by default: deterministic
+
+
+def test_determinism_check_names_a_shuffling_loader():
+    X, y = mlp_data(n=64)
+    loader = DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True)
+    with pytest.raises(NondeterministicObjective, match="shuffle=True or random augmentation"):
+        Objective(small_mlp(), F.cross_entropy, loader)
+
+
+def test_frozen_parameters_are_fixed_not_analysed():
+    model = small_mlp()
+    model[0].bias.requires_grad_(False)
+    objective = Objective(model, F.cross_entropy, mlp_data(), dtype=F64)
+    assert "0.bias" not in objective.params and "0.bias" in objective.frozen
+    assert objective.layout.size == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        expected = F.cross_entropy(model.to(F64)(mlp_data()[0].to(F64)), mlp_data()[1])
+    assert float(objective.loss()) == pytest.approx(float(expected), rel=1e-13)
+
+
+def test_auto_hvp_method_picks_a_working_method():
+    objective = Objective(small_cnn(), F.cross_entropy, cnn_data(), dtype=F64)
+    assert objective.hvp_method in ("jvp", "double_backward")
+    with pytest.raises(ValueError, match="unknown hvp_method 'fast'"):
+        Objective(small_cnn(), F.cross_entropy, cnn_data(), hvp_method="fast")
+
+
+def test_param_layout_round_trip_and_errors():
+    params = {"a": torch.randn(2, 3), "b": torch.randn(4)}
+    layout = ParamLayout.of(params)
+    flat = layout.flatten(params)
+    assert flat.shape == (10,) and layout.size == 10
+    back = layout.unflatten(flat)
+    assert all(torch.equal(back[k], params[k]) for k in params)
+    with pytest.raises(ValueError, match="length 10"):
+        layout.unflatten(torch.zeros(9))
+
+
+def test_bad_data_is_rejected_with_a_clear_error():
+    with pytest.raises(TypeError, match="DataLoader, an \\(X, y\\) tuple"):
+        as_batches("data.csv", device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="same number of examples"):
+        as_batches((torch.zeros(3, 2), torch.zeros(4)), device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="no batches"):
+        as_batches([], device=torch.device("cpu"))
