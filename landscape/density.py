@@ -45,7 +45,6 @@ References:
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from dataclasses import dataclass
 
@@ -55,6 +54,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .lanczos import lanczos_tridiagonal, tridiagonal_eigh
+from ._checks import check_int, check_operator
 from .linop import LinearOperator
 
 __all__ = [
@@ -149,17 +149,6 @@ class Density:
         return float(self.nodes.max())
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer >= {minimum}; got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value}")
-    return value
-
 
 def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
     value = float(value)
@@ -178,9 +167,9 @@ def slq_start_vector(
     Each run has its own CPU generator seeded from ``(seed, run)``, so a run is reproducible on its own
     and more runs can be added later. Drawn and normalised in float64, then cast to ``dtype``.
     """
-    n = _check_int("n", n, 1)
-    run = _check_int("run", run, 0)
-    seed = _check_int("seed", seed, 0)
+    n = check_int("n", n, 1)
+    run = check_int("run", run, 0)
+    seed = check_int("seed", seed, 0)
     state = int(np.random.SeedSequence([seed, run]).generate_state(1, np.uint64)[0])
     generator = torch.Generator().manual_seed(state)
     g = torch.randn(n, generator=generator, dtype=torch.float64)
@@ -236,13 +225,10 @@ def slq_nodes(
         >>> res.weights.sum(axis=1).round(12).tolist()  # weight at 1.0 ~ Beta(3/2, 1/2): random
         [1.0, 1.0]
     """
-    shape = getattr(op, "shape", None)
-    if shape is None or len(shape) != 2 or shape[0] != shape[1] or not hasattr(op, "matvec"):
-        raise TypeError(f"op must be a square linear operator with .shape and .matvec; got {op!r}")
-    n = int(shape[0])
-    n_runs = _check_int("n_runs", n_runs, 1)
-    n_steps = _check_int("n_steps", n_steps, 1)
-    seed = _check_int("seed", seed, 0)
+    n = check_operator(op)
+    n_runs = check_int("n_runs", n_runs, 1)
+    n_steps = check_int("n_steps", n_steps, 1)
+    seed = check_int("seed", seed, 0)
 
     rules = []
     n_matvecs = 0
@@ -382,7 +368,7 @@ def spectral_density(
     sigma_squared = _check_positive("sigma_squared", sigma_squared)
     if grid is None:
         if n_grid is not None:
-            n_grid = _check_int("n_grid", n_grid, 2)
+            n_grid = check_int("n_grid", n_grid, 2)
         if margin is not None:
             margin = _check_positive("margin", margin, allow_zero=True)
         grid = _default_grid(lam_min, lam_max, sigma_squared, n_grid, margin)

@@ -44,7 +44,8 @@ import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
-from landscape.linop import LinearOperator
+from ._checks import check_operator
+from .linop import LinearOperator
 
 __all__ = [
     "WHICH",
@@ -134,16 +135,6 @@ class EigenResult:
 # --------------------------------------------------------------------------- #
 # Argument checks and small helpers
 # --------------------------------------------------------------------------- #
-def _check_operator(op: LinearOperator) -> int:
-    shape = getattr(op, "shape", None)
-    if shape is None or not hasattr(op, "matvec") or len(shape) != 2 or shape[0] != shape[1]:
-        raise ValueError(f"op must be a square LinearOperator with .shape, .dtype, .device, .matvec; got {op!r}")
-    if not op.dtype.is_floating_point:
-        raise ValueError(f"op.dtype must be a real floating dtype; got {op.dtype}")
-    if shape[0] < 1:
-        raise ValueError(f"op must have size n >= 1; got shape {tuple(shape)}")
-    return int(shape[0])
-
 
 def _check_k(k: int, n: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
@@ -329,7 +320,7 @@ def lanczos_tridiagonal(
         >>> [round(t, 10) for t in theta.tolist()]
         [1.0, 2.0, 3.0, 4.0, 5.0]
     """
-    n = _check_operator(op)
+    n = check_operator(op)
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
         raise ValueError(f"n_steps must be an integer >= 1 (the number of Lanczos steps); got n_steps={n_steps!r}")
     m_max = min(int(n_steps), n)
@@ -539,7 +530,7 @@ def top_eigenpairs(
         >>> [round(x, 6) for x in res.eigenvalues.tolist()], res.converged
         ([10.0, 9.878788], True)
     """
-    n = _check_operator(op)
+    n = check_operator(op)
     k = _check_k(k, n)
     which = _check_which(which)
     tol = _check_tol(tol)
@@ -731,7 +722,7 @@ def power_iteration(
     Raises:
         ValueError: for ``k`` outside ``[1, n]``, ``tol <= 0``, ``max_matvecs < 2k`` or a bad ``v0``.
     """
-    n = _check_operator(op)
+    n = check_operator(op)
     k = _check_k(k, n)
     tol = _check_tol(tol)
     max_matvecs = _check_max_matvecs(max_matvecs, k)
@@ -815,7 +806,7 @@ def arpack_eigenpairs(
     Raises:
         ValueError: for ``k`` outside ``[1, n]``, unknown ``which``, ``tol <= 0`` or ``max_matvecs < 2k``.
     """
-    n = _check_operator(op)
+    n = check_operator(op)
     k = _check_k(k, n)
     which = _check_which(which)
     tol = _check_tol(tol)

@@ -18,7 +18,6 @@ References:
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._checks import check_int, check_operator
 from .linop import LinearOperator
 
 __all__ = ["TraceEstimate", "hutchinson", "hutch_plus_plus", "rademacher_probes"]
@@ -52,23 +52,6 @@ class TraceEstimate:
     samples: np.ndarray | None = None
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer >= {minimum}; got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value}")
-    return value
-
-
-def _check_operator(op: LinearOperator) -> int:
-    shape = getattr(op, "shape", None)
-    if shape is None or len(shape) != 2 or shape[0] != shape[1] or not hasattr(op, "matvec"):
-        raise TypeError(f"op must be a square linear operator with .shape and .matvec; got {op!r}")
-    return int(shape[0])
 
 
 def _std_error(x: np.ndarray) -> float:
@@ -134,10 +117,10 @@ def hutchinson(
         >>> est.value, est.std_error
         (6.0, 0.0)
     """
-    n = _check_operator(op)
-    n_samples = _check_int("n_samples", n_samples, 1)
+    n = check_operator(op)
+    n_samples = check_int("n_samples", n_samples, 1)
     if batch is not None:
-        batch = _check_int("batch", batch, 1)
+        batch = check_int("batch", batch, 1)
     generator = torch.Generator().manual_seed(seed)
     chunk = 1 if batch is None else batch
     values = []
@@ -203,8 +186,8 @@ def hutch_plus_plus(op: LinearOperator, n_matvecs: int = 102, *, seed: int = 0) 
     Returns:
         A :class:`TraceEstimate` with ``method="hutch++"``; ``samples[j] = tr(Q^T A Q) + g_j^T ... g_j``.
     """
-    n = _check_operator(op)
-    m = _check_int("n_matvecs", n_matvecs, 3)
+    n = check_operator(op)
+    m = check_int("n_matvecs", n_matvecs, 3)
     k = m // 3
     p = m - 2 * k
     generator = torch.Generator().manual_seed(seed)

@@ -38,7 +38,7 @@ from . import __version__
 from ._io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .data import DATASET_NAMES, DeviceLoader, Split, load_dataset
 from .models import available_models, build_model
-from .optim import BASE_OPTIMIZERS, OPTIMIZERS, SAM, available_optimizers, create, wrapper_arguments
+from .optim import BASE_OPTIMIZERS, SAM, available_optimizers, create, wrapper_arguments
 from .step import train_step
 
 __all__ = [
