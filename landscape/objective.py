@@ -42,7 +42,7 @@ Data = Union[torch.utils.data.DataLoader, tuple[Tensor, Tensor], list[tuple[Tens
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Params = dict[str, Tensor]
 
-HVP_METHODS = ("auto", "jvp", "double_backward")
+HVP_METHODS = ("auto", "jvp", "double_backward", "graph")
 
 
 class NondeterministicObjective(RuntimeError):
@@ -140,8 +140,10 @@ class Objective:
         batch_size: batch size when ``data`` is an ``(X, y)`` tuple.
         train_mode: evaluate in train mode (BatchNorm batch statistics, dropout on). Off by default;
             the determinism check then reports why the objective is not a fixed function.
-        hvp_method: ``"jvp"`` (forward-over-reverse), ``"double_backward"`` (reverse-over-reverse) or
-            ``"auto"`` (time both on the first batch and keep the faster).
+        hvp_method: ``"jvp"`` (forward-over-reverse), ``"double_backward"`` (reverse-over-reverse),
+            ``"graph"`` (reverse-over-reverse keeping every batch's gradient graph between products: one
+            backward pass per product, memory growing with the dataset) or ``"auto"``: ``"graph"`` when
+            the data are one batch, else whichever of the first two is faster on the first batch.
         check: run the determinism check at construction.
     """
 
@@ -182,9 +184,12 @@ class Objective:
         self.batches = as_batches(data, device=self.device, dtype=self.dtype, batch_size=batch_size)
         self.n_examples = sum(int(x.shape[0]) for x, _ in self.batches)
         self._data_source = data
+        self._graph: tuple[Params, Params, list[Tensor]] | None = None  # (params, leaves, weighted gradient)
         if check:
             self.check_determinism()
-        self.hvp_method = self._choose_hvp_method() if hvp_method == "auto" else hvp_method
+        if hvp_method == "auto":
+            hvp_method = "graph" if len(self.batches) == 1 else self._choose_hvp_method()
+        self.hvp_method = hvp_method
 
     # -- pure pieces over a parameter dict ----------------------------------------------------------
 
@@ -235,12 +240,35 @@ class Objective:
     def hvp(self, v: Params, params: Params | None = None, method: str | None = None) -> Params:
         """Exact Hessian-vector product ``H(w) v`` over the whole dataset, as a parameter dict."""
         params = self.params if params is None else params
-        batch_hvp = _HVP[method or self.hvp_method]
+        method = method or self.hvp_method
+        if method == "graph":
+            return self._graph_hvp(v, params)
+        batch_hvp = _HVP[method]
         total = {k: torch.zeros_like(t) for k, t in params.items()}
         for weight, x, y in self._weights():
             hv = batch_hvp(self.batch_loss, params, v, x, y)
             torch._foreach_add_(list(total.values()), [hv[k] for k in total], alpha=weight)
         return total
+
+    def _graph_hvp(self, v: Params, params: Params) -> Params:
+        """``H v`` by one backward pass through the kept graph of ``g(w) = sum_b (n_b / N) grad l_b(w)``.
+
+        The graph is built once per parameter dict (a forward and a ``create_graph`` backward per batch)
+        and reused by every later product at the same ``params``.
+        """
+        if self._graph is None or self._graph[0] is not params:
+            with torch.enable_grad():
+                leaves = {k: t.detach().requires_grad_(True) for k, t in params.items()}
+                total: list[Tensor] | None = None
+                for weight, x, y in self._weights():
+                    g = torch.autograd.grad(self.batch_loss(leaves, x, y), list(leaves.values()), create_graph=True)
+                    total = [weight * t for t in g] if total is None else [a + weight * t for a, t in zip(total, g)]
+            self._graph = (params, leaves, total)
+        _, leaves, gradient = self._graph
+        with torch.enable_grad():
+            products = torch.autograd.grad(gradient, list(leaves.values()), grad_outputs=[v[k] for k in leaves],
+                                           retain_graph=True)
+        return dict(zip(leaves, products))
 
     def hessian_operator(self, params: Params | None = None) -> HessianOperator:
         """The Hessian at ``params`` (default ``w``) as a :class:`LinearOperator` on flat vectors."""

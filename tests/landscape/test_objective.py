@@ -63,7 +63,7 @@ def test_loss_gradient_and_hvps_match_dense_float64(make, data):
     assert float(objective.loss()) == pytest.approx(float(loss), rel=1e-13)
     assert torch.allclose(layout.flatten(objective.gradient()), gradient, rtol=1e-11, atol=1e-13)
     v = torch.randn(flat.shape[0], dtype=F64, generator=torch.Generator().manual_seed(5))
-    for method in ("jvp", "double_backward"):
+    for method in ("jvp", "double_backward", "graph", "graph"):  # graph twice: the kept graph is reused
         hv = layout.flatten(objective.hvp(layout.unflatten(v), method=method))
         assert torch.allclose(hv, hessian @ v, rtol=1e-10, atol=1e-12), method
     op = objective.hessian_operator()
@@ -157,8 +157,23 @@ def test_frozen_parameters_are_fixed_not_analysed():
 
 
 def test_auto_hvp_method_picks_a_working_method():
-    objective = Objective(small_cnn(), F.cross_entropy, cnn_data(), dtype=F64)
+    objective = Objective(small_cnn(), F.cross_entropy, cnn_data(), dtype=F64, batch_size=8)
     assert objective.hvp_method in ("jvp", "double_backward")
+    single = Objective(small_cnn(), F.cross_entropy, cnn_data(), dtype=F64)
+    assert single.hvp_method == "graph"  # one batch: keep its gradient graph between products
+
+
+def test_kept_graph_follows_the_parameters():
+    model = small_mlp()
+    X, y = mlp_data()
+    layout, flat, _, _, hessian = dense_reference(model, X, y)
+    objective = Objective(model, F.cross_entropy, (X, y), dtype=F64, hvp_method="graph")
+    v = {k: torch.ones_like(t) for k, t in objective.params.items()}
+    objective.hvp(v)
+    moved = {k: t + 0.1 for k, t in objective.params.items()}
+    other = Objective(model, F.cross_entropy, (X, y), dtype=F64, hvp_method="double_backward")
+    assert torch.allclose(layout.flatten(objective.hvp(v, moved)), layout.flatten(other.hvp(v, moved)), rtol=1e-10)
+    assert torch.allclose(layout.flatten(objective.hvp(v)), hessian @ layout.flatten(v), rtol=1e-10)
     with pytest.raises(ValueError, match="unknown hvp_method 'fast'"):
         Objective(small_cnn(), F.cross_entropy, cnn_data(), hvp_method="fast")
 
