@@ -86,14 +86,14 @@ def as_batches(
     """The dataset as a list of ``(x, y)`` batches on ``device``, materialised once.
 
     ``data`` may be a DataLoader (iterated once, in its order), an ``(X, y)`` tuple of tensors (cut
-    into batches of ``batch_size``, default 1024) or a list of ``(x, y)`` batches. Floating inputs are
+    into batches of ``batch_size``, default 2048) or a list of ``(x, y)`` batches. Floating inputs are
     cast to ``dtype`` when given.
     """
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         x, y = data
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"(X, y) must have the same number of examples; got {x.shape[0]} and {y.shape[0]}")
-        size = batch_size or 1024
+        size = batch_size or 2048
         batches: Iterable[Any] = [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
     elif isinstance(data, (torch.utils.data.DataLoader, list)):
         batches = data

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_analysis_flags(parser: argparse.ArgumentParser, name: str) -> None:
     """Flags shared by the analysis commands."""
     parser.add_argument("--split", choices=["train", "test"], default="train", help="data split to analyse")
-    parser.add_argument("--batch-size", type=int, default=1024, help="examples per forward pass")
+    parser.add_argument("--batch-size", type=int, default=2048, help="examples per forward pass (one batch lets HVPs keep the gradient graph)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="precision of the analysis")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random vectors")
