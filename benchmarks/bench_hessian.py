@@ -72,6 +72,7 @@ from torch import nn
 
 from landscape.lanczos import top_eigenpairs
 from landscape.objective import HessianOperator, Objective
+from _timing import synchronize, time_steps
 from sam.trainer import LoadedRun, TrainConfig, load_run, train
 
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "sam-landscape-bench"
@@ -79,33 +80,6 @@ FULL_TOLS = [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5]
 QUICK_TOLS = [1e-1, 1e-2, 1e-3, 1e-4]
 METHODS = ("lanczos", "eigsh", "pyhessian")
 LABELS = {"lanczos": "lanczos (ours)", "eigsh": "scipy eigsh", "pyhessian": "pyhessian power"}
-
-
-# --------------------------------------------------------------------------- #
-# Timing helpers (as in bench_sam_step.py)
-# --------------------------------------------------------------------------- #
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(make_step: dict[str, Callable[[], object]], device: torch.device, warmup: int, rounds: int) -> dict[str, list[float]]:
-    """Median-friendly timings: each round runs every step once, in a rotated order."""
-    for step in make_step.values():
-        for _ in range(warmup):
-            step()
-    _sync(device)
-    names = list(make_step)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            _sync(device)
-            start = time.perf_counter()
-            make_step[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 # --------------------------------------------------------------------------- #
@@ -227,10 +201,10 @@ class Contenders:
         return getattr(self, f"_{method}")(k, tol)
 
     def _lanczos(self, k: int, tol: float) -> Attempt:
-        _sync(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         result = top_eigenpairs(self.op, k=k, which="LA", tol=tol, max_matvecs=self.args.max_matvecs, seed=self.args.seed)
-        _sync(self.device)
+        synchronize(self.device)
         wall = time.perf_counter() - start
         return Attempt("lanczos", k, tol, result.eigenvalues.tolist(), result.n_matvecs, wall, result.converged,
                        extra={"restarts": result.n_restarts})
@@ -241,7 +215,7 @@ class Contenders:
         maxiter = max(1, self.args.max_matvecs // (ncv - k))
         v0 = torch.randn(n, generator=torch.Generator().manual_seed(self.args.seed), dtype=torch.float64).numpy()
         before = self.op.n_matvecs
-        _sync(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         stopped = True
         try:
@@ -249,7 +223,7 @@ class Contenders:
                                               maxiter=maxiter, return_eigenvectors=False)
         except scipy.sparse.linalg.ArpackNoConvergence as err:
             theta, stopped = err.eigenvalues, False
-        _sync(self.device)
+        synchronize(self.device)
         wall = time.perf_counter() - start
         return Attempt("eigsh", k, tol, sorted(np.asarray(theta, dtype=np.float64).tolist(), reverse=True),
                        self.op.n_matvecs - before, wall, stopped)
@@ -257,12 +231,12 @@ class Contenders:
     def _pyhessian(self, k: int, tol: float) -> Attempt:
         max_iter = self.args.pyhessian_max_iter
         torch.manual_seed(self.args.seed)  # PyHessian draws its start vectors from the global generator
-        _sync(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         h = pyhessian_instance(self.model, self.criterion, self.X, self.y, self.device)
         self.counter.reset()
         values, _ = h.eigenvalues(maxIter=max_iter, tol=tol, top_n=k)
-        _sync(self.device)
+        synchronize(self.device)
         wall = time.perf_counter() - start
         iterations = list(self.counter.iterations)
         hvps = self.counter.hvps

@@ -21,12 +21,12 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from _timing import time_steps
 from sam.models import build_model
 from sam.optim import create
 from sam.step import train_step
@@ -95,28 +95,6 @@ def _registry_name(label: str) -> str:
     return label.split(" ")[0]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(make_step: dict[str, Callable[[], None]], device: torch.device, warmup: int, rounds: int) -> dict[str, list[float]]:
-    """Median-friendly timings: each round runs every step once, in a rotated order."""
-    for step in make_step.values():
-        for _ in range(warmup):
-            step()
-    _sync(device)
-    names = list(make_step)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            _sync(device)
-            start = time.perf_counter()
-            make_step[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def bench_full_step(args: argparse.Namespace, device: torch.device) -> list[dict]:
