@@ -5,12 +5,15 @@ Every analysis is a function of a fixed model on a fixed dataset (:mod:`landscap
 * :mod:`landscape.hessian`: top Hessian eigenvalues (Lanczos on exact Hessian-vector products), trace
   (Hutchinson, Hutch++) and eigenvalue density (stochastic Lanczos quadrature);
 * :mod:`landscape.lanczos`, :mod:`landscape.trace`, :mod:`landscape.density`: the estimators, on any
-  :class:`landscape.linop.LinearOperator` (a Hessian or a dense test matrix).
+  :class:`landscape.linop.LinearOperator` (a Hessian or a dense test matrix);
+* :mod:`landscape.surface`: 1D/2D loss-surface slices and interpolations (Li et al. 2018), batched with
+  ``torch.vmap`` and resumable; :mod:`landscape.directions`: the directions (filter-normalised random,
+  two/three models, Hessian eigenvectors, PCA of a trajectory).
 
-Loss surfaces and sharpness measures are on the roadmap (see the README).
+Sharpness measures are on the roadmap (see the README).
 """
 
-from . import density, hessian, lanczos, linop, objective, trace
+from . import density, directions, hessian, lanczos, linop, objective, surface, trace
 from .objective import Objective
 
-__all__ = ["hessian", "objective", "lanczos", "linop", "trace", "density", "Objective"]
+__all__ = ["hessian", "surface", "directions", "objective", "lanczos", "linop", "trace", "density", "Objective"]

@@ -153,6 +153,33 @@ def build_parser() -> argparse.ArgumentParser:
     hessian_parser.add_argument("--density-steps", type=int, default=80, help="SLQ: Lanczos steps per run")
     _add_analysis_flags(hessian_parser, name="hessian")
     hessian_parser.set_defaults(handler=_run_hessian)
+
+    surface_parser = sub.add_parser(
+        "surface",
+        help="loss surface around a trained model: filter-normalised 1D/2D slices or an interpolation",
+        description="Loss and accuracy on a 1D or 2D slice through the weights along seeded filter-normalised "
+        "random directions (Li et al. 2018), or along the line to another model (--interpolate). The grid is "
+        "saved as it fills (surface_1d/surface_2d/interpolation .npz + .json) and a rerun resumes it.",
+        formatter_class=_HelpFormatter,
+    )
+    surface_parser.add_argument("checkpoint", type=Path, help="run directory, or a model.pt / snapshot inside one")
+    surface_parser.add_argument("--dim", type=int, choices=[1, 2], default=2, help="1D or 2D slice")
+    surface_parser.add_argument("--steps", type=int, default=51, help="grid points per axis")
+    surface_parser.add_argument("--span", type=float, nargs=2, default=[-1.0, 1.0], metavar=("LOW", "HIGH"),
+                                help="range of each coordinate (interpolation: of t)")
+    surface_parser.add_argument("--norm", choices=["filter", "layer", "model", "none"], default="filter",
+                                help="direction normalisation")
+    surface_parser.add_argument("--ignore", choices=["biasbn", "none"], default="biasbn",
+                                help="biasbn: zero direction on biases and norm parameters")
+    surface_parser.add_argument("--orthogonal", action="store_true", help="orthogonalise the second direction")
+    surface_parser.add_argument("--compare", type=Path, default=None,
+                                help="another run: the same direction recipe on its minimum (written beside it)")
+    surface_parser.add_argument("--interpolate", type=Path, default=None,
+                                help="another run: the loss along w_a + t (w_b - w_a) instead of a random slice")
+    surface_parser.add_argument("--points-per-pass", type=int, default=8, help="grid points per vmapped forward pass")
+    surface_parser.add_argument("--bf16", action="store_true", help="evaluate under bf16 autocast")
+    _add_analysis_flags(surface_parser, name="surface")
+    surface_parser.set_defaults(handler=_run_surface)
     return parser
 
 
@@ -241,6 +268,57 @@ def _run_hessian(args: argparse.Namespace) -> int:
     if args.trace:
         line += f", trace {scalars['trace']['value']:.6g} +- {scalars['trace']['std_error']:.2g}"
     print(f"{line} ({op.n_matvecs} Hessian-vector products, converged: {eig.converged}); wrote {json_path} and {npz_path}")
+    return 0
+
+
+def _run_surface(args: argparse.Namespace) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from landscape import surface
+
+    from .trainer import load_run, resolve_device
+
+    if args.steps < 2 or args.points_per_pass < 1 or args.batch_size < 1:
+        raise ValueError("--steps must be >= 2, --points-per-pass and --batch-size >= 1")
+    if args.compare is not None and args.interpolate is not None:
+        raise ValueError("use either --compare or --interpolate, not both")
+    device = resolve_device(args.device)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    common = dict(points_per_pass=args.points_per_pass, autocast_dtype=torch.bfloat16 if args.bf16 else None,
+                  dtype=dtype, device=device, batch_size=args.batch_size, progress=args.progress)
+    runs = [load_run(args.checkpoint, device=device)]
+    if args.compare is not None:
+        runs.append(load_run(args.compare, device=device))
+    if args.interpolate is not None:
+        other = load_run(args.interpolate, device=device)
+        names, todo = ["interpolation"], [runs[0]]
+    else:
+        names, todo = [f"surface_{args.dim}d"], runs
+    for run in todo:
+        out = args.out if args.out is not None else run.run_dir
+        if args.out is not None and len(todo) > 1:
+            out = args.out / run.run_dir.name
+        path = Path(out) / names[0]
+        if args.overwrite:
+            for suffix in (".npz", ".json"):
+                path.with_suffix(suffix).unlink(missing_ok=True)
+        split = run.train if args.split == "train" else run.test
+        data = (split.x, split.y)
+        if args.interpolate is not None:
+            result = surface.interpolate(run.model, other.model, F.cross_entropy, data, steps=args.steps,
+                                         span=tuple(args.span), path=path, **common)
+        elif args.dim == 1:
+            result = surface.slice_1d(run.model, F.cross_entropy, data, steps=args.steps, span=tuple(args.span),
+                                      seed=args.seed, norm=args.norm, ignore=args.ignore, path=path,
+                                      model_id=run.checkpoint_sha256, **common)
+        else:
+            result = surface.slice_2d(run.model, F.cross_entropy, data, steps=(args.steps, args.steps),
+                                      span=(tuple(args.span), tuple(args.span)), seed=args.seed, norm=args.norm,
+                                      ignore=args.ignore, orthogonal=args.orthogonal, path=path,
+                                      model_id=run.checkpoint_sha256, **common)
+        print(f"{run.run_dir}: loss {result.loss.min():.4g} to {result.loss.max():.4g} over "
+              f"{result.loss.size} points; wrote {path.with_suffix('.npz')} and {path.with_suffix('.json')}")
     return 0
 
 

@@ -151,3 +151,27 @@ def test_hessian_command_rejects_a_missing_checkpoint(tmp_path, capsys):
     assert main(["hessian", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "does not exist" in err
+
+
+def test_surface_command_compares_two_runs_with_one_recipe_and_resumes(trained_run, tmp_path, capsys):
+    import numpy as np
+
+    other = tmp_path / "other"
+    assert main(["train", "--out", str(other), "--epochs", "1", "--batch-size", "256", "--no-progress"]) == 0
+    argv = ["surface", str(trained_run), "--compare", str(other), "--dim", "2", "--steps", "3", "--split", "test",
+            "--no-progress"]
+    assert main(argv) == 0
+    first = json.loads((trained_run / "surface_2d.json").read_text())
+    second = json.loads((other / "surface_2d.json").read_text())
+    assert first["points_done"] == 9 and second["points_done"] == 9
+    same_recipe = {k: v for k, v in first["recipe"].items() if k != "model"}
+    assert same_recipe == {k: v for k, v in second["recipe"].items() if k != "model"}
+    assert first["recipe"]["model"] != second["recipe"]["model"]
+    before = np.load(trained_run / "surface_2d.npz")["loss"]
+    assert main(argv) == 0  # complete: resumes with nothing left to do
+    np.testing.assert_array_equal(np.load(trained_run / "surface_2d.npz")["loss"], before)
+    assert main([*argv[:4], "--dim", "2", "--steps", "3", "--split", "test", "--seed", "7", "--no-progress"]) == 2
+    assert "different recipe" in capsys.readouterr().err
+    assert main(["surface", str(trained_run), "--interpolate", str(other), "--steps", "3", "--split", "test",
+                 "--no-progress"]) == 0
+    assert np.load(trained_run / "interpolation.npz")["loss"].shape == (3,)

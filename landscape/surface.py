@@ -1,0 +1,314 @@
+"""Loss surfaces around a minimum: 1D and 2D slices and interpolations (Li et al., NeurIPS 2018).
+
+.. math::
+
+    f(\\alpha) = L(w + \\alpha d),\\qquad f(\\alpha, \\beta) = L(w + \\alpha d_1 + \\beta d_2),
+
+with ``L`` the whole-dataset objective of :mod:`landscape.objective` (eval mode, batch-size-weighted
+sums) and ``d`` filter-normalised random directions (:mod:`landscape.directions`) unless given. Loss and
+accuracy are computed at every grid point.
+
+Several grid points are evaluated per forward pass: the parameters of ``Q`` points are stacked along a
+new leading dimension and the model runs under ``torch.vmap`` with the buffers shared, so one pass over a
+data batch serves ``Q`` points. ``batched=False`` evaluates one point at a time (the reference path).
+
+With ``path=``, the grid is saved (``.npz`` + ``.json``, atomically) after every pass and a later call
+with the same recipe resumes where it stopped; a different recipe in an existing file is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from sam._io import atomic_write, atomic_write_json
+
+from .directions import difference, random_direction, random_plane
+from .objective import Data, LossFn, Objective, Params, _training_flags
+
+__all__ = ["SurfaceResult", "slice_1d", "slice_2d", "interpolate", "evaluate_points", "grid_points"]
+
+
+@dataclass
+class SurfaceResult:
+    """A loss surface on a grid.
+
+    Attributes:
+        coords: one 1-D array per axis.
+        loss: loss at every grid point, shaped like the grid (``"ij"`` indexing: ``loss[i, j]`` is at
+            ``(coords[0][i], coords[1][j])``).
+        accuracy: accuracy at every grid point, same shape.
+        meta: the recipe (directions, ranges, data) and bookkeeping, as saved in the JSON file.
+    """
+
+    coords: list[np.ndarray]
+    loss: np.ndarray
+    accuracy: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def grid_points(coords: Sequence[np.ndarray]) -> np.ndarray:
+    """All grid points as a ``(P, d)`` array in ``"ij"`` order (the last axis varies fastest)."""
+    mesh = np.meshgrid(*coords, indexing="ij")
+    return np.stack([m.ravel() for m in mesh], axis=1)
+
+
+def _point_params(origin: Params, directions: list[Params], point: Tensor) -> Params:
+    """``w + sum_j a_j d_j`` for one point, or stacked along dim 0 for a ``(Q, d)`` block of points."""
+    out = {}
+    for name, w in origin.items():
+        if point.ndim == 1:
+            value = w.clone()
+            for a, d in zip(point, directions):
+                value = value + a * d[name]
+        else:
+            shape = (point.shape[0],) + (1,) * w.ndim
+            value = w.unsqueeze(0).expand(point.shape[0], *w.shape).clone()
+            for j, d in enumerate(directions):
+                value = value + point[:, j].reshape(shape) * d[name].unsqueeze(0)
+        out[name] = value
+    return out
+
+
+@torch.no_grad()
+def _evaluate_block(
+    objective: Objective, origin: Params, directions: list[Params], points: Tensor, autocast_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
+    """Loss and number correct at a ``(Q, d)`` block of points, with one vmapped pass per data batch."""
+    stacked = _point_params(origin, directions, points)
+    total = torch.zeros(points.shape[0], dtype=torch.float64, device=objective.device)
+    correct = torch.zeros(points.shape[0], dtype=torch.long, device=objective.device)
+    autocast = torch.autocast(objective.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    with _training_flags(objective.model, objective.train_mode), autocast:
+        for weight, x, y in objective._weights():
+            out = torch.vmap(objective.forward, in_dims=(0, None))(stacked, x)
+            out = out.to(torch.promote_types(out.dtype, torch.float32))  # bf16 autocast outputs, not float64
+            losses = torch.vmap(objective.loss_fn, in_dims=(0, None))(out, y)
+            total += weight * losses.double()
+            if out.ndim == 3 and not y.is_floating_point():
+                correct += (out.argmax(dim=-1) == y).sum(dim=-1)
+    return total, correct
+
+
+def evaluate_points(
+    objective: Objective,
+    directions: list[Params],
+    points: np.ndarray,
+    *,
+    origin: Params | None = None,
+    batched: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loss and accuracy of ``objective`` at ``origin + sum_j points[p, j] directions[j]`` for every ``p``.
+
+    ``batched=True`` evaluates all the points in one vmapped pass per data batch (the caller chooses how
+    many points to pass at once); ``batched=False`` evaluates them one at a time.
+    """
+    origin = objective.params if origin is None else origin
+    pts = torch.as_tensor(points, dtype=objective.dtype, device=objective.device)
+    if batched:
+        loss, correct = _evaluate_block(objective, origin, directions, pts, autocast_dtype)
+        return loss.cpu().numpy(), correct.cpu().numpy() / objective.n_examples
+    results = [objective.loss_and_accuracy(_point_params(origin, directions, p)) for p in pts]
+    return np.array([r[0] for r in results]), np.array([r[1] for r in results])
+
+
+def _fingerprint(tensors: Sequence[Params]) -> str:
+    digest = hashlib.sha256()
+    for d in tensors:
+        for name in sorted(d):
+            digest.update(name.encode())
+            digest.update(d[name].detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _compute_surface(
+    objective: Objective,
+    directions: list[Params],
+    coords: list[np.ndarray],
+    recipe: dict[str, Any],
+    *,
+    origin: Params | None,
+    path: str | Path | None,
+    batched: bool,
+    points_per_pass: int | None,
+    autocast_dtype: torch.dtype | None,
+    progress: bool,
+) -> SurfaceResult:
+    shape = tuple(len(c) for c in coords)
+    points = grid_points(coords)
+    loss = np.full(points.shape[0], np.nan)
+    accuracy = np.full(points.shape[0], np.nan)
+    recipe = {**recipe, "coords": [c.tolist() for c in coords], "n_examples": objective.n_examples,
+              "dtype": str(objective.dtype).removeprefix("torch."),
+              "autocast": None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch.")}
+    npz_path = json_path = None
+    if path is not None:
+        npz_path = Path(path).with_suffix(".npz")
+        json_path = npz_path.with_suffix(".json")
+        if npz_path.exists() and json_path.exists():
+            saved = json.loads(json_path.read_text())
+            if saved.get("recipe") != recipe:
+                differing = sorted(k for k in set(saved.get("recipe", {})) | set(recipe)
+                                   if saved.get("recipe", {}).get(k) != recipe.get(k))
+                raise ValueError(
+                    f"{npz_path} holds a surface with a different recipe (differs in {differing}); "
+                    "choose another path, or delete the file to start again"
+                )
+            with np.load(npz_path) as stored:
+                loss, accuracy = stored["loss"].ravel().copy(), stored["accuracy"].ravel().copy()
+    todo = np.flatnonzero(np.isnan(loss))
+    q = max(1, points_per_pass or 8) if batched else 1
+    bar = tqdm(total=points.shape[0], initial=points.shape[0] - todo.size, desc="surface", unit="pt", disable=not progress)
+    for start in range(0, todo.size, q):
+        index = todo[start : start + q]
+        values, accs = evaluate_points(objective, directions, points[index], origin=origin, batched=batched,
+                                       autocast_dtype=autocast_dtype)
+        loss[index], accuracy[index] = values, accs
+        if npz_path is not None:
+            _save(npz_path, json_path, loss.reshape(shape), accuracy.reshape(shape), coords, recipe)
+        bar.update(index.size)
+    bar.close()
+    return SurfaceResult([np.asarray(c) for c in coords], loss.reshape(shape), accuracy.reshape(shape), {"recipe": recipe})
+
+
+def _save(npz_path: Path, json_path: Path, loss: np.ndarray, accuracy: np.ndarray, coords: list[np.ndarray],
+          recipe: dict[str, Any]) -> None:
+    arrays = {"loss": loss, "accuracy": accuracy, **{f"coords_{i}": c for i, c in enumerate(coords)}}
+
+    def write(f: Any) -> None:
+        np.savez(f, **arrays)
+
+    atomic_write(npz_path, write)
+    done = int(np.count_nonzero(~np.isnan(loss)))
+    atomic_write_json(json_path, {"recipe": recipe, "points_done": done, "points_total": int(loss.size)})
+
+
+def _objective(model: nn.Module, loss_fn: LossFn, data: Data, dtype: torch.dtype | None,
+               device: torch.device | str | None, batch_size: int | None) -> Objective:
+    return Objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method="double_backward")
+
+
+def slice_1d(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Data,
+    direction: Params | None = None,
+    steps: int = 51,
+    span: tuple[float, float] = (-1.0, 1.0),
+    *,
+    seed: int = 0,
+    norm: str = "filter",
+    ignore: str = "biasbn",
+    path: str | Path | None = None,
+    batched: bool = True,
+    points_per_pass: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    model_id: str | None = None,
+    progress: bool = True,
+) -> SurfaceResult:
+    """``L(w + alpha d)`` for ``steps`` values of ``alpha`` in ``span`` (Li et al. 2018, Sec. 4).
+
+    ``direction`` defaults to a seeded Gaussian direction with filter normalisation and zero on
+    biases/BatchNorm parameters (``norm``, ``ignore``: :func:`landscape.directions.normalize_direction`).
+    ``model_id`` (e.g. the checkpoint's SHA-256) is part of the saved recipe.
+    """
+    objective = _objective(model, loss_fn, data, dtype, device, batch_size)
+    if direction is None:
+        direction = random_direction(objective.params, seed=seed, norm=norm, ignore=ignore)
+        recipe = {"kind": "random", "seed": seed, "norm": norm, "ignore": ignore}
+    else:
+        direction = {k: v.to(objective.device, objective.dtype) for k, v in direction.items()}
+        recipe = {"kind": "given", "directions_sha256": _fingerprint([direction])}
+    recipe["model"] = model_id or _fingerprint([objective.params])
+    coords = [np.linspace(span[0], span[1], steps)]
+    return _compute_surface(objective, [direction], coords, recipe, origin=None, path=path, batched=batched,
+                            points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress)
+
+
+def slice_2d(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Data,
+    directions: tuple[Params, Params] | None = None,
+    steps: tuple[int, int] = (51, 51),
+    span: tuple[tuple[float, float], tuple[float, float]] = ((-1.0, 1.0), (-1.0, 1.0)),
+    *,
+    seed: int = 0,
+    norm: str = "filter",
+    ignore: str = "biasbn",
+    orthogonal: bool = False,
+    path: str | Path | None = None,
+    batched: bool = True,
+    points_per_pass: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    model_id: str | None = None,
+    progress: bool = True,
+) -> SurfaceResult:
+    """``L(w + alpha d1 + beta d2)`` on a ``steps[0] x steps[1]`` grid (Li et al. 2018, Sec. 4 and 6).
+
+    ``directions`` default to two seeded filter-normalised Gaussian directions
+    (:func:`landscape.directions.random_plane`); the SGD and SAM minima get the same recipe when called
+    with the same ``seed``, ``norm`` and ``ignore``. ``result.loss[i, j]`` is at
+    ``(coords[0][i], coords[1][j])``.
+    """
+    objective = _objective(model, loss_fn, data, dtype, device, batch_size)
+    if directions is None:
+        directions = random_plane(objective.params, seed=seed, norm=norm, ignore=ignore, orthogonal=orthogonal)
+        recipe = {"kind": "random", "seed": seed, "norm": norm, "ignore": ignore, "orthogonal": orthogonal}
+    else:
+        directions = tuple({k: v.to(objective.device, objective.dtype) for k, v in d.items()} for d in directions)
+        recipe = {"kind": "given", "directions_sha256": _fingerprint(list(directions))}
+    recipe["model"] = model_id or _fingerprint([objective.params])
+    coords = [np.linspace(span[0][0], span[0][1], steps[0]), np.linspace(span[1][0], span[1][1], steps[1])]
+    return _compute_surface(objective, list(directions), coords, recipe, origin=None, path=path, batched=batched,
+                            points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress)
+
+
+def interpolate(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loss_fn: LossFn,
+    data: Data,
+    steps: int = 51,
+    span: tuple[float, float] = (-0.5, 1.5),
+    *,
+    path: str | Path | None = None,
+    batched: bool = True,
+    points_per_pass: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> SurfaceResult:
+    """``L(w_a + t (w_b - w_a))`` for ``t`` in ``span`` (Goodfellow et al. 2015; Li et al. 2018, Sec. 3).
+
+    The buffers (BatchNorm running statistics) are ``model_a``'s at every ``t``: buffers are never
+    interpolated, so with BatchNorm the value at ``t = 1`` is ``model_b``'s weights with ``model_a``'s
+    statistics.
+    """
+    objective = _objective(model_a, loss_fn, data, dtype, device, batch_size)
+    other = {name: p.detach().to(objective.device, objective.dtype) for name, p in model_b.named_parameters() if p.requires_grad}
+    if set(other) != set(objective.params):
+        raise ValueError("model_a and model_b must have the same parameters (names and shapes)")
+    direction = difference(other, objective.params)
+    recipe = {"kind": "interpolation", "models": _fingerprint([objective.params, other])}
+    coords = [np.linspace(span[0], span[1], steps)]
+    return _compute_surface(objective, [direction], coords, recipe, origin=None, path=path, batched=batched,
+                            points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress)
