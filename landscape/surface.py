@@ -167,7 +167,12 @@ def _compute_surface(
             with np.load(npz_path) as stored:
                 loss, accuracy = stored["loss"].ravel().copy(), stored["accuracy"].ravel().copy()
     todo = np.flatnonzero(np.isnan(loss))
-    q = max(1, points_per_pass or 8) if batched else 1
+    if not batched:
+        q = 1
+    elif points_per_pass is not None:
+        q = max(1, int(points_per_pass))
+    else:
+        q = _auto_points_per_pass(objective, directions, autocast_dtype)
     bar = tqdm(total=points.shape[0], initial=points.shape[0] - todo.size, desc="surface", unit="pt", disable=not progress)
     for start in range(0, todo.size, q):
         index = todo[start : start + q]
@@ -179,6 +184,29 @@ def _compute_surface(
         bar.update(index.size)
     bar.close()
     return SurfaceResult([np.asarray(c) for c in coords], loss.reshape(shape), accuracy.reshape(shape), {"recipe": recipe})
+
+
+def _auto_points_per_pass(objective: Objective, directions: list[Params], autocast_dtype: torch.dtype | None) -> int:
+    """How many grid points fit in one vmapped pass.
+
+    On a GPU: the peak memory of a two-point pass over the first batch, measured, against half the free
+    memory, capped at 256. On the CPU: 8 (memory is rarely the limit there and larger blocks gain little).
+    """
+    device = objective.device
+    if device.type != "cuda":
+        return 8
+    x, _ = objective.batches[0]
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    probe = _point_params(objective.params, directions, torch.zeros(2, len(directions), dtype=objective.dtype, device=device))
+    autocast = torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    with torch.no_grad(), _training_flags(objective.model, objective.train_mode), autocast:
+        torch.vmap(objective.forward, in_dims=(0, None))(probe, x)
+    torch.cuda.synchronize(device)
+    per_point = max((torch.cuda.max_memory_allocated(device) - start) / 2, 1)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(256, max(1, 0.5 * free // per_point)))
 
 
 def _save(npz_path: Path, json_path: Path, loss: np.ndarray, accuracy: np.ndarray, coords: list[np.ndarray],

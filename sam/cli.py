@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,11 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     surface_parser.add_argument("--ignore", choices=["biasbn", "none"], default="biasbn",
                                 help="biasbn: zero direction on biases and norm parameters")
     surface_parser.add_argument("--orthogonal", action="store_true", help="orthogonalise the second direction")
+    surface_parser.add_argument("--directions", choices=["random", "hessian", "pca"], default="random",
+                                help="random: seeded filter-normalised; hessian: top Hessian eigenvectors; "
+                                "pca: principal directions of the run's snapshots/ (trajectory saved in the JSON)")
     surface_parser.add_argument("--compare", type=Path, default=None,
                                 help="another run: the same direction recipe on its minimum (written beside it)")
     surface_parser.add_argument("--interpolate", type=Path, default=None,
                                 help="another run: the loss along w_a + t (w_b - w_a) instead of a random slice")
-    surface_parser.add_argument("--points-per-pass", type=int, default=8, help="grid points per vmapped forward pass")
+    surface_parser.add_argument("--points-per-pass", type=int, default=None,
+                                help="grid points per vmapped forward pass (default: 8 on CPU, sized to free memory on GPU)")
     surface_parser.add_argument("--bf16", action="store_true", help="evaluate under bf16 autocast")
     _add_analysis_flags(surface_parser, name="surface")
     surface_parser.set_defaults(handler=_run_surface)
@@ -279,7 +284,7 @@ def _run_surface(args: argparse.Namespace) -> int:
 
     from .trainer import load_run, resolve_device
 
-    if args.steps < 2 or args.points_per_pass < 1 or args.batch_size < 1:
+    if args.steps < 2 or (args.points_per_pass is not None and args.points_per_pass < 1) or args.batch_size < 1:
         raise ValueError("--steps must be >= 2, --points-per-pass and --batch-size >= 1")
     if args.compare is not None and args.interpolate is not None:
         raise ValueError("use either --compare or --interpolate, not both")
@@ -305,7 +310,20 @@ def _run_surface(args: argparse.Namespace) -> int:
                 path.with_suffix(suffix).unlink(missing_ok=True)
         split = run.train if args.split == "train" else run.test
         data = (split.x, split.y)
-        if args.interpolate is not None:
+        given, extra = _surface_directions(args, run, data, dtype, device)
+        if given is not None:
+            result = (surface.slice_1d(run.model, F.cross_entropy, data, given[0], steps=args.steps,
+                                       span=tuple(args.span), path=path, model_id=run.checkpoint_sha256, **common)
+                      if args.dim == 1 else
+                      surface.slice_2d(run.model, F.cross_entropy, data, tuple(given), steps=(args.steps, args.steps),
+                                       span=(tuple(args.span), tuple(args.span)), path=path,
+                                       model_id=run.checkpoint_sha256, **common))
+            if extra:
+                from sam._io import atomic_write_json
+
+                saved = json.loads(path.with_suffix(".json").read_text())
+                atomic_write_json(path.with_suffix(".json"), {**saved, args.directions: extra})
+        elif args.interpolate is not None:
             result = surface.interpolate(run.model, other.model, F.cross_entropy, data, steps=args.steps,
                                          span=tuple(args.span), path=path, **common)
         elif args.dim == 1:
@@ -320,6 +338,37 @@ def _run_surface(args: argparse.Namespace) -> int:
         print(f"{run.run_dir}: loss {result.loss.min():.4g} to {result.loss.max():.4g} over "
               f"{result.loss.size} points; wrote {path.with_suffix('.npz')} and {path.with_suffix('.json')}")
     return 0
+
+
+def _surface_directions(args: argparse.Namespace, run: Any, data: Any, dtype: Any, device: Any) -> tuple[Any, dict]:
+    """Directions for --directions hessian/pca (None for random: the surface functions draw them)."""
+    if args.directions == "random" or args.interpolate is not None:
+        return None, {}
+    import torch
+    import torch.nn.functional as F
+
+    from landscape import directions as dirs
+    from landscape import hessian
+
+    if args.directions == "hessian":
+        eig = hessian.top_eigenvalues(run.model, F.cross_entropy, data, k=args.dim, dtype=dtype, device=device,
+                                      batch_size=args.batch_size, progress=args.progress)
+        return dirs.eigenvector_directions(eig.eigenvectors), {"eigenvalues": eig.eigenvalues.tolist()}
+    snapshots = sorted((run.run_dir / "snapshots").glob("epoch_*.pt"))
+    if len(snapshots) < args.dim + 1:
+        raise ValueError(f"--directions pca needs at least {args.dim + 1} weight snapshots in {run.run_dir / 'snapshots'} "
+                         f"(train with --snapshot-every N); found {len(snapshots)}")
+    names = [n for n, p in run.model.named_parameters() if p.requires_grad]
+
+    def load(path: Path) -> dict:
+        state = torch.load(path, map_location=device, weights_only=True)
+        return {n: state[n].to(dtype) for n in names}
+
+    final = {n: p.detach().to(device, dtype) for n, p in run.model.named_parameters() if p.requires_grad}
+    pca = dirs.pca_directions([load(p) for p in snapshots], final, n_components=args.dim)
+    trajectory = {"snapshots": [p.name for p in snapshots], "coordinates": pca.coordinates.tolist(),
+                  "explained_variance_ratio": pca.explained_variance_ratio.tolist()}
+    return pca.directions, trajectory
 
 
 def main(argv: Sequence[str] | None = None) -> int:

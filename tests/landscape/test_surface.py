@@ -130,3 +130,13 @@ def test_bf16_autocast_is_close_to_float32():
     exact = surface.slice_1d(model, F.cross_entropy, data, steps=5, progress=False)
     bf16 = surface.slice_1d(model, F.cross_entropy, data, steps=5, autocast_dtype=torch.bfloat16, progress=False)
     np.testing.assert_allclose(bf16.loss, exact.loss, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_grid_with_memory_sized_passes_matches_the_cpu():
+    model = small_cnn()
+    data = cnn_data(n=64)
+    cpu = surface.slice_2d(model, F.cross_entropy, data, steps=(5, 5), dtype=F64, progress=False)
+    gpu = surface.slice_2d(model, F.cross_entropy, data, steps=(5, 5), dtype=F64, device="cuda", progress=False)
+    np.testing.assert_allclose(gpu.loss, cpu.loss, rtol=1e-9)

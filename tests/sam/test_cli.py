@@ -175,3 +175,22 @@ def test_surface_command_compares_two_runs_with_one_recipe_and_resumes(trained_r
     assert main(["surface", str(trained_run), "--interpolate", str(other), "--steps", "3", "--split", "test",
                  "--no-progress"]) == 0
     assert np.load(trained_run / "interpolation.npz")["loss"].shape == (3,)
+
+
+def test_surface_along_pca_and_hessian_directions(tmp_path):
+    import numpy as np
+
+    run = tmp_path / "snap"
+    assert main(["train", "--out", str(run), "--epochs", "4", "--batch-size", "256", "--snapshot-every", "1",
+                 "--no-progress"]) == 0
+    assert main(["surface", str(run), "--directions", "pca", "--steps", "3", "--split", "test", "--no-progress"]) == 0
+    saved = json.loads((run / "surface_2d.json").read_text())
+    assert saved["recipe"]["kind"] == "given" and len(saved["pca"]["coordinates"]) == 4
+    assert saved["pca"]["coordinates"][-1] == [0.0, 0.0]  # the final snapshot is the model itself
+    ratios = saved["pca"]["explained_variance_ratio"]
+    assert ratios == sorted(ratios, reverse=True) and 0.5 < sum(ratios) <= 1.0 + 1e-12
+    assert main(["surface", str(run), "--directions", "hessian", "--dim", "1", "--steps", "3", "--split", "test",
+                 "--no-progress"]) == 0
+    line = np.load(run / "surface_1d.npz")["loss"]
+    assert line[1] < line[0] and line[1] < line[2]  # a minimum along the top eigenvector
+    assert json.loads((run / "surface_1d.json").read_text())["hessian"]["eigenvalues"][0] > 0
