@@ -184,7 +184,7 @@ def main() -> None:
     print(f"\none forward pass over the data: {forward_s * 1e3:.2f} ms (median of {len(limit_times)}); "
           f"limit for {points} points: {limit_s:.2f} s", flush=True)
 
-    print(f"warming up on a 3 x 3 grid ...", flush=True)
+    print("warming up on a 3 x 3 grid ...", flush=True)
     for fn in contenders(3).values():
         fn()
     synchronize(device)
