@@ -162,6 +162,9 @@ def _compute_surface(
     if path is not None:
         npz_path = Path(path).with_suffix(".npz")
         json_path = npz_path.with_suffix(".json")
+        if npz_path.exists() != json_path.exists():
+            present = npz_path if npz_path.exists() else json_path
+            raise FileExistsError(f"{present} exists without its pair; move it away (it is not overwritten)")
         if npz_path.exists() and json_path.exists():
             saved = json.loads(json_path.read_text())
             if saved.get("recipe") != recipe:

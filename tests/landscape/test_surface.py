@@ -110,6 +110,13 @@ def test_interrupted_grid_resumes_to_the_uninterrupted_result(tmp_path, monkeypa
     np.testing.assert_allclose(np.load(tmp_path / "grid.npz")["loss"], full.loss, rtol=1e-12)
 
 
+def test_a_lone_file_at_the_path_is_never_overwritten(tmp_path):
+    (tmp_path / "grid.npz").write_bytes(b"user data")
+    with pytest.raises(FileExistsError, match="without its pair"):
+        surface.slice_1d(small_cnn(), F.cross_entropy, cnn_data(), steps=3, path=tmp_path / "grid", progress=False)
+    assert (tmp_path / "grid.npz").read_bytes() == b"user data"
+
+
 def test_interpolation_reaches_both_endpoints():
     torch.manual_seed(0)
     a = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
