@@ -56,12 +56,10 @@ import math
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import scipy
@@ -72,10 +70,9 @@ from torch import nn
 
 from landscape.lanczos import top_eigenpairs
 from landscape.objective import HessianOperator, Objective
+from _cached_run import DEFAULT_CACHE, trained_run
 from _timing import synchronize, time_steps
-from sam.trainer import LoadedRun, TrainConfig, load_run, train
 
-DEFAULT_CACHE = Path(tempfile.gettempdir()) / "sam-landscape-bench"
 FULL_TOLS = [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5]
 QUICK_TOLS = [1e-1, 1e-2, 1e-3, 1e-4]
 METHODS = ("lanczos", "eigsh", "pyhessian")
@@ -85,19 +82,6 @@ LABELS = {"lanczos": "lanczos (ours)", "eigsh": "scipy eigsh", "pyhessian": "pyh
 # --------------------------------------------------------------------------- #
 # The trained model
 # --------------------------------------------------------------------------- #
-def trained_run(args: argparse.Namespace) -> LoadedRun:
-    """An existing run from ``--run-dir``, or the digits CNN trained with SGD into the cache (reused)."""
-    if args.run_dir is not None and Path(args.run_dir).exists():
-        print(f"using the run in {args.run_dir}", flush=True)
-        return load_run(args.run_dir, device=args.device)
-    run_dir = Path(args.run_dir) if args.run_dir else DEFAULT_CACHE / ("digits-sgd-quick" if args.quick else "digits-sgd")
-    config = TrainConfig(optimizer="sgd", epochs=args.epochs, device="cpu")
-    start = time.perf_counter()
-    train(config, run_dir, resume=True, progress=False)  # a finished run is left as it is
-    print(f"trained model in {run_dir} ({config.epochs} epochs SGD; {time.perf_counter() - start:.1f} s, "
-          "0 if it was cached)", flush=True)
-    return load_run(run_dir, device=args.device)
-
 
 # --------------------------------------------------------------------------- #
 # PyHessian, instrumented

@@ -200,12 +200,13 @@ def _auto_points_per_pass(objective: Objective, directions: list[Params], autoca
     """How many grid points fit in one vmapped pass.
 
     On a GPU: the peak memory of a two-point pass over the first batch, measured, against half the free
-    memory, capped at 256. On the CPU: 8, the fastest block in ``benchmarks/bench_surface.py`` (1.17x the
-    plain loop on the digits CNN; 32 points per pass were slower than the loop).
+    memory, capped at 256. On the CPU: 1, the plain loop. There a forward pass is compute-bound and every
+    point needs its own convolutions; in ``benchmarks/bench_surface.py`` (digits CNN, 21 x 21) vmapped
+    blocks took 24-26 s against 21-28 s for the loop, not reliably faster.
     """
     device = objective.device
     if device.type != "cuda":
-        return 8
+        return 1
     x, _ = objective.batches[0]
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)

@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     surface_parser.add_argument("--interpolate", type=Path, default=None,
                                 help="another run: the loss along w_a + t (w_b - w_a) instead of a random slice")
     surface_parser.add_argument("--points-per-pass", type=int, default=None,
-                                help="grid points per vmapped forward pass (default: 8 on CPU, sized to free memory on GPU)")
+                                help="grid points per vmapped forward pass (default: 1, the plain loop, on CPU; sized to free memory on GPU)")
     surface_parser.add_argument("--bf16", action="store_true", help="evaluate under bf16 autocast")
     _add_analysis_flags(surface_parser, name="surface")
     surface_parser.set_defaults(handler=_run_surface)
