@@ -144,7 +144,6 @@ def _compute_surface(
     coords: list[np.ndarray],
     recipe: dict[str, Any],
     *,
-    origin: Params | None,
     path: str | Path | None,
     batched: bool,
     points_per_pass: int | None,
@@ -186,7 +185,7 @@ def _compute_surface(
     bar = tqdm(total=points.shape[0], initial=points.shape[0] - todo.size, desc="surface", unit="pt", disable=not progress)
     for start in range(0, todo.size, q):
         index = todo[start : start + q]
-        values, accs = evaluate_points(objective, directions, points[index], origin=origin, batched=batched,
+        values, accs = evaluate_points(objective, directions, points[index], batched=batched,
                                        autocast_dtype=autocast_dtype)
         loss[index], accuracy[index] = values, accs
         if npz_path is not None:
@@ -274,7 +273,7 @@ def slice_1d(
         recipe = {"kind": "given", "directions_sha256": _fingerprint([direction])}
     recipe["model"] = model_id or _fingerprint([objective.params])
     coords = [np.linspace(span[0], span[1], steps)]
-    return _compute_surface(objective, [direction], coords, recipe, origin=None, path=path, batched=batched,
+    return _compute_surface(objective, [direction], coords, recipe, path=path, batched=batched,
                             points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress)
 
 
@@ -316,7 +315,7 @@ def slice_2d(
         recipe = {"kind": "given", "directions_sha256": _fingerprint(list(directions))}
     recipe["model"] = model_id or _fingerprint([objective.params])
     coords = [np.linspace(span[0][0], span[0][1], steps[0]), np.linspace(span[1][0], span[1][1], steps[1])]
-    return _compute_surface(objective, list(directions), coords, recipe, origin=None, path=path, batched=batched,
+    return _compute_surface(objective, list(directions), coords, recipe, path=path, batched=batched,
                             points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress)
 
 
@@ -350,5 +349,5 @@ def interpolate(
     direction = difference(other, objective.params)
     recipe = {"kind": "interpolation", "models": _fingerprint([objective.params, other])}
     coords = [np.linspace(span[0], span[1], steps)]
-    return _compute_surface(objective, [direction], coords, recipe, origin=None, path=path, batched=batched,
+    return _compute_surface(objective, [direction], coords, recipe, path=path, batched=batched,
                             points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress)
