@@ -8,12 +8,12 @@ Every analysis is a function of a fixed model on a fixed dataset (:mod:`landscap
   :class:`landscape.linop.LinearOperator` (a Hessian or a dense test matrix);
 * :mod:`landscape.surface`: 1D/2D loss-surface slices and interpolations (Li et al. 2018), batched with
   ``torch.vmap`` and resumable; :mod:`landscape.directions`: the directions (filter-normalised random,
-  two/three models, Hessian eigenvectors, PCA of a trajectory).
-
-Sharpness measures are on the roadmap (see the README).
+  two/three models, Hessian eigenvectors, PCA of a trajectory);
+* :mod:`landscape.sharpness`: m-sharpness (vectorised over chunks with ``torch.vmap``), worst- and
+  average-case adaptive sharpness, Keskar epsilon-sharpness and PAC-Bayes flatness.
 """
 
-from . import density, directions, hessian, lanczos, linop, objective, surface, trace
+from . import density, directions, hessian, lanczos, linop, objective, sharpness, surface, trace
 from .objective import Objective
 
-__all__ = ["hessian", "surface", "directions", "objective", "lanczos", "linop", "trace", "density", "Objective"]
+__all__ = ["hessian", "surface", "sharpness", "directions", "objective", "lanczos", "linop", "trace", "density", "Objective"]

@@ -194,3 +194,80 @@ def test_surface_along_pca_and_hessian_directions(tmp_path):
     line = np.load(run / "surface_1d.npz")["loss"]
     assert line[1] < line[0] and line[1] < line[2]  # a minimum along the top eigenvector
     assert json.loads((run / "surface_1d.json").read_text())["hessian"]["eigenvalues"][0] > 0
+
+
+def test_sharpness_command_writes_every_measure_beside_the_run(trained_run, capsys):
+    import numpy as np
+    import torch.nn.functional as F
+
+    from landscape import sharpness
+    from sam.trainer import load_run
+
+    argv = ["sharpness", str(trained_run), "--m", "4", "64", "--rho", "0.05", "--split", "test",
+            "--pac-bayes-samples", "2", "--pac-bayes-iterations", "3", "--keskar-steps", "2", "--n-samples", "3",
+            "--no-progress"]
+    assert main(argv) == 0
+    assert "m_sharpness@m=4" in capsys.readouterr().out
+    saved = json.loads((trained_run / "sharpness.json").read_text())
+    arrays = np.load(trained_run / "sharpness.npz")
+    assert set(saved["measures"]) == set(sharpness.MEASURES)
+    assert saved["settings"]["ms"] == [4, 64] and saved["split"] == "test" and saved["n_examples"] == 360
+    curve = saved["measures"]["m_sharpness"]
+    assert curve["m"] == [4, 64] and curve["n_chunks"] == [90, 5]
+    assert arrays["m_sharpness_m4"].shape == (90,)
+    assert float(arrays["m_sharpness_m4"].mean()) == pytest.approx(curve["value"][0], rel=1e-12)
+
+    run = load_run(trained_run)
+    reference = sharpness.m_sharpness(run.model, F.cross_entropy, (run.test.x, run.test.y), m=64, rho=0.05, progress=False)
+    assert curve["value"][1] == pytest.approx(reference.value, rel=1e-6)
+
+    assert main(argv) == 2  # never overwritten silently
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["sharpness", str(trained_run), "--measures", "m_sharpness", "--m", "8", "--split", "test",
+                 "--overwrite", "--no-progress"]) == 0
+    assert set(json.loads((trained_run / "sharpness.json").read_text())["measures"]) == {"m_sharpness"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--m", "0"], "m must be an integer >= 1"),
+        (["--m", "100000"], "every m must be at most the number of examples (360)"),
+        (["--rho", "-1"], "rho must be a finite number > 0"),
+        (["--adaptive-rho-inf", "0"], "adaptive_rho_inf must be a finite number > 0"),
+    ],
+)
+def test_sharpness_command_rejects_bad_settings_in_one_line(trained_run, tmp_path, capsys, argv, message):
+    assert main(["sharpness", str(trained_run), "--split", "test", "--out", str(tmp_path), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_sharpness_command_names_the_accepted_measures(trained_run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sharpness", str(trained_run), "--measures", "nope"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'nope' (choose from 'm_sharpness'" in capsys.readouterr().err
+
+
+def test_study_command_runs_a_small_study_and_resumes(tmp_path, capsys):
+    argv = ["study", "--out", str(tmp_path / "study"), "--optimizers", "sgd", "sam", "--rhos", "sam=0.05",
+            "--lrs", "0.05", "--batch-sizes", "128", "256", "--weight-decays", "0", "--epochs", "1",
+            "--measures", "m_sharpness", "average", "--m", "16", "64", "--n-samples", "2", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Kendall tau with loss_gap" in out and "m_sharpness" in out
+    rows = (tmp_path / "study" / "study.csv").read_text().splitlines()
+    assert len(rows) == 5 and "m_sharpness@m=16" in rows[0]
+    kendall = (tmp_path / "study" / "kendall.csv").read_text().splitlines()
+    assert kendall[0] == "measure,m,tau_loss_gap,p_loss_gap,tau_error_gap,p_error_gap" and len(kendall) == 4
+
+    model = tmp_path / "study" / "runs" / "sgd-lr0.05-bs128-wd0" / "model.pt"
+    stamp = model.stat().st_mtime_ns
+    assert main(argv) == 0  # resumed: nothing retrained
+    assert model.stat().st_mtime_ns == stamp
+    assert main([*argv[:-1], "--rho", "0.1", "--no-progress"]) == 2  # another recipe in the same directory
+    err = capsys.readouterr().err
+    assert "holds a study with different settings (measures)" in err
+    assert main(["study", "--rhos", "sam"]) == 2
+    assert "--rhos takes NAME=R1,R2" in capsys.readouterr().err
