@@ -68,6 +68,8 @@ __all__ = [
     "keskar_sharpness",
     "pac_bayes_flatness",
     "sharpness_objective",
+    "ascend",
+    "apgd_checkpoints",
     "MEASURES",
     "MeasureSettings",
     "measure_all",

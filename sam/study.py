@@ -53,15 +53,21 @@ class StudyConfig:
     none) with ``lrs``, ``batch_sizes`` and ``weight_decays``. ``n_models`` draws that many of them
     (seeded by ``seed``); ``None`` keeps the whole grid. Every model trains ``epochs`` epochs with seed
     ``seed`` on ``dataset``/``model`` (cosine schedule, SGD momentum 0.9 as the base optimizer).
+
+    Models whose final training error exceeds ``max_train_error`` are measured and listed but left out
+    of the correlations: as in Jiang et al. 2020 (Sec. 5, a stopping criterion on the training loss),
+    only models that fit the training set are compared, otherwise the gap mostly measures underfitting.
+    ``None`` keeps every model.
     """
 
     optimizers: list[str] = field(default_factory=lambda: ["sgd", "sam", "asam"])
     rhos: dict[str, list[float]] = field(default_factory=lambda: {"sam": [0.05, 0.15], "asam": [0.5, 1.5]})
-    lrs: list[float] = field(default_factory=lambda: [0.02, 0.1])
+    lrs: list[float] = field(default_factory=lambda: [0.05, 0.2])
     batch_sizes: list[int] = field(default_factory=lambda: [32, 128])
     weight_decays: list[float] = field(default_factory=lambda: [0.0, 5e-4])
-    epochs: int = 10
+    epochs: int = 15
     n_models: int | None = 24
+    max_train_error: float | None = 0.01
     seed: int = 0
     dataset: str = "digits"
     data_root: str | None = None
@@ -83,6 +89,8 @@ class StudyConfig:
                 raise ValueError(f"{name} must list at least one value")
         if self.n_models is not None and self.n_models < 3:
             raise ValueError(f"n_models must be >= 3 (Kendall tau needs several models) or None; got {self.n_models}")
+        if self.max_train_error is not None and not 0 <= self.max_train_error <= 1:
+            raise ValueError(f"max_train_error must be in [0, 1] or None; got {self.max_train_error}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1; got {self.epochs}")
 
@@ -94,7 +102,8 @@ class StudyConfig:
 
 @dataclass
 class StudyResult:
-    """Per-model rows (hyperparameters, gaps, measures) and the Kendall tau table."""
+    """Per-model rows (hyperparameters, gaps, measures, ``included``) and the Kendall tau table (over the
+    included models)."""
 
     rows: list[dict[str, Any]]
     kendall: list[dict[str, Any]]
@@ -179,8 +188,9 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def _check_study_config(config: StudyConfig, path: Path) -> None:
     if not path.exists():
         return
-    saved = json.loads(path.read_text())
-    current = json.loads(json.dumps(config.to_dict()))
+    # The filter on training error only changes which saved models are correlated: it may change on a rerun.
+    saved = {k: v for k, v in json.loads(path.read_text()).items() if k != "max_train_error"}
+    current = {k: v for k, v in json.loads(json.dumps(config.to_dict())).items() if k != "max_train_error"}
     if saved != current:
         keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         raise ValueError(f"{path} holds a study with different settings ({', '.join(keys)}); "
@@ -218,12 +228,20 @@ def run_study(
         row = {"name": name, "optimizer": train_config.optimizer, "rho": train_config.rho, "lr": train_config.lr,
                "batch_size": train_config.batch_size, "weight_decay": train_config.weight_decay,
                **{k: measured[k] for k in ("train_loss", "test_loss", "train_error", "test_error", *GAPS)},
+               "included": config.max_train_error is None or measured["train_error"] <= config.max_train_error,
                **measure_columns(measured)}
         rows.append(row)
-        log(f"[{i}/{len(specs)}] {name}: test error {row['test_error']:.4f}, loss gap {row['loss_gap']:.4f} "
+        log(f"[{i}/{len(specs)}] {name}: train error {row['train_error']:.4f}, test error {row['test_error']:.4f}, "
+            f"loss gap {row['loss_gap']:.4f}{'' if row['included'] else ' (not fitted: left out of tau)'} "
             f"(training {trained:.1f} s, measures {measured['seconds']:.1f} s when computed)")
     columns = list(measure_columns(measured))
-    table = kendall_table(rows, columns)
+    included = [row for row in rows if row["included"]]
+    if len(included) < 3:
+        raise ValueError(f"only {len(included)} of {len(rows)} models reached training error <= {config.max_train_error}; "
+                         "train longer (--epochs) or raise --max-train-error")
+    log(f"{len(included)} of {len(rows)} models fit the training set (error <= {config.max_train_error}); "
+        "Kendall tau over those")
+    table = kendall_table(included, columns)
     _write_csv(out / "study.csv", rows)
     _write_csv(out / "kendall.csv", table)
     atomic_write_json(out / "study.json", {"config": config.to_dict(), "rows": rows, "kendall": table})

@@ -254,6 +254,9 @@ def test_study_command_runs_a_small_study_and_resumes(tmp_path, capsys):
     argv = ["study", "--out", str(tmp_path / "study"), "--optimizers", "sgd", "sam", "--rhos", "sam=0.05",
             "--lrs", "0.05", "--batch-sizes", "128", "256", "--weight-decays", "0", "--epochs", "1",
             "--measures", "m_sharpness", "average", "--m", "16", "64", "--n-samples", "2", "--no-progress"]
+    assert main([*argv, "--max-train-error", "0"]) == 2  # one epoch fits nothing: no models to correlate
+    assert "only 0 of 4 models reached training error <= 0.0" in capsys.readouterr().err
+    argv = [*argv, "--max-train-error", "-1"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "Kendall tau with loss_gap" in out and "m_sharpness" in out
@@ -266,7 +269,7 @@ def test_study_command_runs_a_small_study_and_resumes(tmp_path, capsys):
     stamp = model.stat().st_mtime_ns
     assert main(argv) == 0  # resumed: nothing retrained
     assert model.stat().st_mtime_ns == stamp
-    assert main([*argv[:-1], "--rho", "0.1", "--no-progress"]) == 2  # another recipe in the same directory
+    assert main([*argv, "--rho", "0.1"]) == 2  # another recipe in the same directory
     err = capsys.readouterr().err
     assert "holds a study with different settings (measures)" in err
     assert main(["study", "--rhos", "sam"]) == 2
