@@ -37,7 +37,7 @@ from .objective import Data, LossFn, Objective, Params, _training_flags
 
 _EXAMPLE_POINTS_PER_CALL = 1024
 
-__all__ = ["SurfaceResult", "slice_1d", "slice_2d", "interpolate", "evaluate_points", "grid_points"]
+__all__ = ["SurfaceResult", "slice_1d", "slice_2d", "interpolate", "evaluate_points", "grid_points", "load"]
 
 
 @dataclass
@@ -351,3 +351,20 @@ def interpolate(
     coords = [np.linspace(span[0], span[1], steps)]
     return _compute_surface(objective, [direction], coords, recipe, path=path, batched=batched,
                             points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress)
+
+
+def load(path: str | Path) -> SurfaceResult:
+    """A surface saved with ``path=`` (``PATH.npz`` + ``PATH.json``), e.g. by ``sam-landscape surface``.
+
+    Raises:
+        FileNotFoundError: either file is missing.
+    """
+    path = Path(path)
+    npz_path, json_path = path.with_suffix(".npz"), path.with_suffix(".json")
+    for p in (npz_path, json_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found: no saved surface at {path}")
+    meta = json.loads(json_path.read_text())
+    with np.load(npz_path) as stored:
+        coords = [stored[f"coords_{i}"] for i in range(len([k for k in stored.files if k.startswith("coords_")]))]
+        return SurfaceResult(coords, stored["loss"], stored["accuracy"], meta)

@@ -236,7 +236,80 @@ def build_parser() -> argparse.ArgumentParser:
     _add_measure_flags(study_parser, study_defaults.measures)
     study_parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     study_parser.set_defaults(handler=_run_study)
+
+    compare_parser = sub.add_parser(
+        "compare",
+        help="SGD vs SAM: run every analysis not yet saved, then write the figures and an HTML report",
+        description="Compare two trained runs with the same recipes: Hessian spectrum and density, 2D surface and "
+        "1D slice along the same seeded directions, interpolation between them (train and test), m-sharpness. "
+        "Analyses are saved under OUT/analyses and reused; figures go to OUT as PNG and PDF, with a "
+        "self-contained OUT/report.html.",
+        formatter_class=_HelpFormatter,
+    )
+    compare_parser.add_argument("run_a", type=Path, help="the first run (e.g. SGD)")
+    compare_parser.add_argument("run_b", type=Path, help="the second run (e.g. SAM)")
+    compare_parser.add_argument("--out", type=Path, required=True, help="directory for analyses, figures and report.html")
+    compare_parser.add_argument("--labels", nargs=2, default=["SGD", "SAM"], metavar=("A", "B"), help="names of the two runs")
+    compare_parser.add_argument("--study", type=Path, default=None, help="a sam-landscape study directory: adds Kendall tau against m")
+    _add_compare_flags(compare_parser)
+    compare_parser.set_defaults(handler=_run_compare)
+
+    demo_parser = sub.add_parser(
+        "demo",
+        help="train SGD and SAM on digits and compare them (figures into figures/)",
+        description="Train the digits CNN with SGD and with SAM (reusing finished runs in --runs), then run "
+        "compare into --out: every figure as PNG and PDF and report.html. About 5 minutes on a 2-core CPU.",
+        formatter_class=_HelpFormatter,
+    )
+    demo_parser.add_argument("--out", type=Path, default=Path("figures"), help="directory for the figures and report.html")
+    demo_parser.add_argument("--runs", type=Path, default=Path("runs"), help="where the two runs are trained")
+    demo_parser.add_argument("--epochs", type=int, default=30, help="training epochs of each run")
+    _add_compare_flags(demo_parser)
+    demo_parser.set_defaults(handler=_run_demo)
     return parser
+
+
+def _add_compare_flags(parser: argparse.ArgumentParser) -> None:
+    from .compare import CompareConfig
+
+    defaults = CompareConfig()
+    parser.add_argument("--surface-steps", type=int, default=defaults.surface_steps, help="2D grid points per axis")
+    parser.add_argument("--slice-steps", type=int, default=defaults.slice_steps, help="1D slice points")
+    parser.add_argument("--interpolation-steps", type=int, default=defaults.interpolation_steps, help="interpolation points")
+    parser.add_argument("--span", type=float, default=defaults.span, help="surfaces cover [-span, span] along each direction")
+    parser.add_argument("--density-runs", type=int, default=defaults.density_runs, help="SLQ runs of the eigenvalue density")
+    parser.add_argument("--density-steps", type=int, default=defaults.density_steps, help="Lanczos steps per SLQ run")
+    parser.add_argument("--trace-matvecs", type=int, default=defaults.trace_matvecs, help="Hessian-vector products of the trace")
+    parser.add_argument("--m", dest="ms", type=int, nargs="+", default=list(defaults.ms), help="chunk sizes of m-sharpness")
+    parser.add_argument("--rho", type=float, default=defaults.rho, help="radius of m-sharpness")
+    parser.add_argument("--zmax", type=float, default=None, help="loss cap of the surface figures (default: the largest loss)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the directions and random vectors")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+
+def _compare_config(args: argparse.Namespace) -> Any:
+    from .compare import CompareConfig
+
+    return CompareConfig(surface_steps=args.surface_steps, slice_steps=args.slice_steps,
+                         interpolation_steps=args.interpolation_steps, span=args.span, density_runs=args.density_runs,
+                         density_steps=args.density_steps, trace_matvecs=args.trace_matvecs, ms=tuple(args.ms),
+                         rho=args.rho, seed=args.seed, device=args.device, zmax=args.zmax)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    compare(args.run_a, args.run_b, args.out, _compare_config(args), labels=tuple(args.labels), study_dir=args.study,
+            progress=args.progress)
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .compare import demo
+
+    demo(args.out, args.runs, epochs=args.epochs, device=args.device, config=_compare_config(args), progress=args.progress)
+    return 0
 
 
 def _add_measure_flags(parser: argparse.ArgumentParser, defaults: MeasureSettings = MeasureSettings()) -> None:

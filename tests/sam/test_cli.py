@@ -274,3 +274,35 @@ def test_study_command_runs_a_small_study_and_resumes(tmp_path, capsys):
     assert "holds a study with different settings (measures)" in err
     assert main(["study", "--rhos", "sam"]) == 2
     assert "--rhos takes NAME=R1,R2" in capsys.readouterr().err
+
+
+def test_compare_command_writes_every_figure_and_the_report_and_reuses_analyses(trained_run, tmp_path, capsys):
+    other = tmp_path / "sam"
+    assert main(["train", "--out", str(other), "--optimizer", "sam", "--epochs", "1", "--batch-size", "256", "--no-progress"]) == 0
+    out = tmp_path / "compare"
+    argv = ["compare", str(trained_run), str(other), "--out", str(out), "--surface-steps", "5", "--slice-steps", "7",
+            "--interpolation-steps", "5", "--density-runs", "2", "--density-steps", "6", "--trace-matvecs", "3",
+            "--m", "64", "256", "--no-progress"]
+    assert main(argv) == 0
+    from sam.compare import FIGURES
+
+    for name in FIGURES:
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG" and (out / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
+    report = (out / "report.html").read_text()
+    for title in ("Summary", "Loss surfaces", "Interpolation from SGD to SAM", "Hessian spectrum", "Sharpness", "Training"):
+        assert f">{title}</h2>" in report
+    assert report.count('class="plotly-graph-div"') == 7
+    saved = json.loads((out / "analyses" / "sgd" / "hessian.json").read_text())
+    assert f"<td>lambda_max</td><td>{saved['lambda_max']:.4g}</td>" in report
+    assert "m-sharpness, m = 64" in report
+
+    hessian_file = out / "analyses" / "sam" / "hessian.json"
+    stamp = hessian_file.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 0  # the analyses are reused, only the figures are drawn again
+    assert hessian_file.stat().st_mtime_ns == stamp
+    assert "Hessian spectrum" not in capsys.readouterr().out
+
+    assert main(["compare", str(tmp_path / "nope"), str(other), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is not a run directory" in err

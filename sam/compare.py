@@ -1,0 +1,226 @@
+"""SGD against SAM: run every analysis of two trained runs that is not yet saved, then draw the figures.
+
+:func:`compare` is what ``sam-landscape compare RUN_A RUN_B --out DIR`` does:
+
+1. analyses, each saved under ``DIR/analyses/`` and reused when present (so a rerun only draws):
+   the Hessian spectrum with its density (``sam-landscape hessian``), a 2D surface and a 1D slice with
+   the *same* seeded direction recipe for both runs (``sam-landscape surface``), m-sharpness against m
+   (``sam-landscape sharpness``), and the interpolation from A to B on the train and test splits;
+2. figures, as PNG and PDF (:mod:`landscape.plot.figures`): ``surface_3d``, ``surface_contours``,
+   ``slices_1d``, ``interpolation``, ``hessian``, ``m_sharpness``, ``training_curves`` (and
+   ``kendall_vs_m`` when a study directory is given);
+3. ``DIR/report.html``: a self-contained report with a summary table and the interactive versions.
+
+:func:`demo` trains SGD and SAM on digits and runs :func:`compare` into ``figures/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from landscape import surface
+from landscape.plot import figures, interactive
+from landscape.plot.report import Section, write_report
+
+from .trainer import TrainConfig, train
+
+__all__ = ["CompareConfig", "CompareResult", "compare", "demo", "load_hessian", "load_metrics", "summary_rows"]
+
+FIGURES = ("surface_3d", "surface_contours", "slices_1d", "interpolation", "hessian", "m_sharpness", "training_curves")
+
+
+@dataclass
+class CompareConfig:
+    """How much of each analysis :func:`compare` computes (defaults sized for a CPU run of the digits CNN)."""
+
+    surface_steps: int = 31
+    slice_steps: int = 51
+    interpolation_steps: int = 41
+    span: float = 1.0
+    hessian_k: int = 5
+    trace_matvecs: int = 30
+    density_runs: int = 4
+    density_steps: int = 40
+    ms: tuple[int, ...] = (1, 4, 16, 64, 256)
+    rho: float = 0.05
+    seed: int = 0
+    device: str = "auto"
+    zmax: float | None = None
+
+
+@dataclass
+class CompareResult:
+    """Where everything went, and the summary table."""
+
+    out_dir: Path
+    figures: dict[str, list[Path]]
+    report: Path
+    summary: list[dict[str, Any]]
+
+
+def _cli(argv: list[str]) -> None:
+    """Run one ``sam-landscape`` analysis command in-process (errors propagate as exceptions)."""
+    from .cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    args.handler(args)
+
+
+def load_hessian(directory: str | Path) -> dict[str, Any]:
+    """``hessian.json`` and ``hessian.npz`` of ``sam-landscape hessian`` as one dict (eigenvalues, density)."""
+    directory = Path(directory)
+    saved = json.loads((directory / "hessian.json").read_text())
+    with np.load(directory / "hessian.npz") as arrays:
+        saved.update({k: arrays[k] for k in arrays.files})
+    return saved
+
+
+def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every epoch's metrics of a run (``metrics.jsonl``)."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def summary_rows(labels: Sequence[str], hessians: Sequence[dict], sharpness: Sequence[dict],
+                 metrics: Sequence[list[dict]]) -> list[dict[str, Any]]:
+    """The report's summary: one row per quantity, one column per model."""
+    rows = []
+
+    def add(quantity: str, values: Sequence[Any]) -> None:
+        rows.append({"quantity": quantity, **dict(zip(labels, values))})
+
+    add("test accuracy", [m[-1]["test_acc"] for m in metrics])
+    add("test loss", [m[-1]["test_loss"] for m in metrics])
+    add("train loss", [m[-1]["train_loss"] for m in metrics])
+    add("lambda_max", [h["lambda_max"] for h in hessians])
+    add("lambda_max / lambda_5", [h.get("lambda_max_over_lambda_5") for h in hessians])
+    add("Hessian trace", [h["trace"]["value"] if "trace" in h else None for h in hessians])
+    curve = [s["measures"]["m_sharpness"] for s in sharpness]
+    for i, m in enumerate(curve[0]["m"]):
+        add(f"m-sharpness, m = {m} (rho {curve[0]['rho']:g})", [c["value"][i] for c in curve])
+    return rows
+
+
+def compare(
+    run_a: str | Path,
+    run_b: str | Path,
+    out_dir: str | Path,
+    config: CompareConfig = CompareConfig(),
+    *,
+    labels: tuple[str, str] = ("SGD", "SAM"),
+    study_dir: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> CompareResult:
+    """Analyse two runs with the same recipes, then write the figures and the HTML report into ``out_dir``."""
+    out = Path(out_dir)
+    runs = [Path(run_a), Path(run_b)]
+    for run in runs:
+        if not (run / "config.json").exists():
+            raise FileNotFoundError(f"{run} is not a run directory (no config.json); train one with sam-landscape train")
+    if labels[0] == labels[1]:
+        raise ValueError(f"the two labels must differ; got {labels}")
+    quiet = [] if progress else ["--no-progress"]
+    common = ["--seed", str(config.seed), "--device", config.device, *quiet]
+    span = [str(-config.span), str(config.span)]
+    dirs = [out / "analyses" / label.lower() for label in labels]
+    start = time.perf_counter()
+    for run, label, directory in zip(runs, labels, dirs):
+        directory.mkdir(parents=True, exist_ok=True)
+        if not (directory / "hessian.json").exists():
+            log(f"{label}: Hessian spectrum")
+            _cli(["hessian", str(run), "--k", str(config.hessian_k), "--trace-matvecs", str(config.trace_matvecs),
+                  "--density", "--density-runs", str(config.density_runs), "--density-steps", str(config.density_steps),
+                  "--out", str(directory), *common])
+        log(f"{label}: 2D surface and 1D slice")  # resumable: a finished grid is read back
+        _cli(["surface", str(run), "--dim", "2", "--steps", str(config.surface_steps), "--span", *span,
+              "--out", str(directory), *common])
+        _cli(["surface", str(run), "--dim", "1", "--steps", str(config.slice_steps), "--span", *span,
+              "--out", str(directory), *common])
+        if not (directory / "sharpness.json").exists():
+            log(f"{label}: m-sharpness")
+            _cli(["sharpness", str(run), "--measures", "m_sharpness", "--m", *map(str, config.ms), "--rho", str(config.rho),
+                  "--out", str(directory), *common])
+    for split in ("train", "test"):
+        log(f"interpolation {labels[0]} -> {labels[1]} ({split})")
+        _cli(["surface", str(runs[0]), "--interpolate", str(runs[1]), "--steps", str(config.interpolation_steps),
+              "--span", "-0.5", "1.5", "--split", split, "--out", str(out / "analyses" / f"interpolation-{split}"), *common])
+    log(f"analyses done in {time.perf_counter() - start:.1f} s")
+
+    surfaces = {label: surface.load(d / "surface_2d") for label, d in zip(labels, dirs)}
+    slices = {label: surface.load(d / "surface_1d") for label, d in zip(labels, dirs)}
+    path_train = surface.load(out / "analyses" / "interpolation-train" / "interpolation")
+    path_test = surface.load(out / "analyses" / "interpolation-test" / "interpolation")
+    hessians = [load_hessian(d) for d in dirs]
+    sharpness = [json.loads((d / "sharpness.json").read_text()) for d in dirs]
+    metrics = [load_metrics(run) for run in runs]
+    by_label = lambda values: dict(zip(labels, values))  # noqa: E731
+    curves = by_label([s["measures"]["m_sharpness"] for s in sharpness])
+
+    static = {
+        "surface_3d": figures.surface_3d(surfaces, zmax=config.zmax),
+        "surface_contours": figures.surface_contours(surfaces, zmax=config.zmax),
+        "slices_1d": figures.slices_1d(slices),
+        "interpolation": figures.interpolation(path_train, path_test, labels=labels),
+        "hessian": figures.hessian_spectrum(by_label(hessians)),
+        "m_sharpness": figures.m_sharpness(curves),
+        "training_curves": figures.training_curves(by_label(metrics)),
+    }
+    dynamic = {
+        "surface_3d": interactive.surface_3d(surfaces, zmax=config.zmax),
+        "surface_contours": interactive.surface_contours(surfaces, zmax=config.zmax),
+        "slices_1d": interactive.slices_1d(slices),
+        "interpolation": interactive.interpolation(path_train, path_test, labels=labels),
+        "hessian": interactive.hessian_spectrum(by_label(hessians)),
+        "m_sharpness": interactive.m_sharpness(curves),
+        "training_curves": interactive.training_curves(by_label(metrics)),
+    }
+    if study_dir is not None:
+        table = json.loads((Path(study_dir) / "study.json").read_text())["kendall"]
+        static["kendall_vs_m"] = figures.kendall_vs_m(table)
+        dynamic["kendall_vs_m"] = interactive.kendall_vs_m(table)
+    written = {name: figures.save_figure(fig, out / name) for name, fig in static.items()}
+
+    a, b = labels
+    sections = [
+        Section("Loss surfaces", [dynamic["surface_3d"], dynamic["surface_contours"], dynamic["slices_1d"]],
+                f"The same seeded filter-normalised directions (seed {config.seed}) around both minima, training loss; "
+                "z = log(min(L, zmax) + 0.1) with a shared z-range (Foret et al. 2021, Fig. 1; Li et al. 2018)."),
+        Section(f"Interpolation from {a} to {b}", [dynamic["interpolation"]],
+                "Loss and accuracy along w_a + t (w_b - w_a), train (solid) and test (dashed). Buffers are never "
+                f"interpolated: every point uses {a}'s BatchNorm running statistics, so with BatchNorm the value at t = 1 "
+                f"is {b}'s weights with {a}'s statistics, not {b}'s own loss (see the summary table for that)."),
+        Section("Hessian spectrum", [dynamic["hessian"]],
+                "Top eigenvalues by Lanczos, lambda_max / lambda_5 (Jastrzebski et al. 2020) and the eigenvalue "
+                "density by stochastic Lanczos quadrature (Foret et al. 2021, Fig. 3 left)."),
+        Section("Sharpness", [dynamic["m_sharpness"]] + ([dynamic["kendall_vs_m"]] if "kendall_vs_m" in dynamic else []),
+                f"m-sharpness (one SAM step of radius {config.rho:g} per chunk of m training examples) against m."),
+        Section("Training", [dynamic["training_curves"]], "Loss and accuracy per epoch, train and test."),
+    ]
+    summary = summary_rows(labels, hessians, sharpness, metrics)
+    report = write_report(out / "report.html", f"{a} vs {b}: {runs[0].name} and {runs[1].name}",
+                          ["quantity", *labels], summary, sections,
+                          footer=f"sam-landscape compare; settings: {json.dumps(asdict(config))}")
+    log(f"wrote {len(written)} figures (PNG and PDF) and {report}")
+    return CompareResult(out, written, report, summary)
+
+
+def demo(out_dir: str | Path = "figures", runs_dir: str | Path = "runs", *, epochs: int = 30, device: str = "auto",
+         config: CompareConfig = CompareConfig(), progress: bool = True, log: Callable[[str], None] = print) -> CompareResult:
+    """Train SGD and SAM on digits (the defaults of ``sam-landscape train``; a finished run is reused) and
+    compare them into ``out_dir``."""
+    runs = []
+    for optimizer in ("sgd", "sam"):
+        run_dir = Path(runs_dir) / f"demo-{optimizer}"
+        start = time.perf_counter()
+        result = train(TrainConfig(optimizer=optimizer, epochs=epochs, device=device), run_dir, resume=True, progress=progress)
+        log(f"{optimizer}: test accuracy {result.final['test_acc']:.4f} ({time.perf_counter() - start:.1f} s)")
+        runs.append(run_dir)
+    return compare(runs[0], runs[1], out_dir, config, progress=progress, log=log)
