@@ -193,10 +193,11 @@ class Objective:
 
     # -- pure pieces over a parameter dict ----------------------------------------------------------
 
-    def forward(self, params: Params, x: Tensor) -> Tensor:
-        """The model's output at ``params`` (buffers fixed, flags as configured)."""
+    def forward(self, params: Params, x: Tensor, buffers: Params | None = None) -> Tensor:
+        """The model's output at ``params`` (the objective's fixed buffers, or ``buffers`` when given)."""
         with _training_flags(self.model, self.train_mode):
-            return functional_call(self.model, (params, self.frozen, self.buffers), (x,), strict=True)
+            return functional_call(self.model, (params, self.frozen, self.buffers if buffers is None else buffers), (x,),
+                                   strict=True)
 
     def batch_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         return self.loss_fn(self.forward(params, x), y)
@@ -215,13 +216,14 @@ class Objective:
         return total
 
     @torch.no_grad()
-    def loss_and_accuracy(self, params: Params | None = None) -> tuple[float, float]:
-        """``(L(w), accuracy)``; accuracy counts ``argmax(output) == y`` (classification)."""
+    def loss_and_accuracy(self, params: Params | None = None, buffers: Params | None = None) -> tuple[float, float]:
+        """``(L(w), accuracy)``; accuracy counts ``argmax(output) == y`` (classification). ``buffers``
+        replaces the objective's buffers for this evaluation (e.g. interpolated BatchNorm statistics)."""
         params = self.params if params is None else params
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         for weight, x, y in self._weights():
-            out = self.forward(params, x)
+            out = self.forward(params, x, buffers)
             total += weight * self.loss_fn(out, y).double()
             if out.ndim == 2 and not y.is_floating_point():
                 correct += (out.argmax(dim=1) == y).sum()

@@ -81,12 +81,27 @@ def _point_params(origin: Params, directions: list[Params], point: Tensor) -> Pa
     return out
 
 
+def _point_buffers(objective: Objective, buffer_directions: list[Params] | None, point: Tensor) -> Params | None:
+    """The buffers at a point (or a ``(Q, d)`` block): floating buffers moved along ``buffer_directions``
+    like the parameters, the others (e.g. ``num_batches_tracked``) kept; ``None`` keeps them all fixed."""
+    if buffer_directions is None:
+        return None
+    moving = {k: b for k, b in objective.buffers.items() if k in buffer_directions[0]}
+    out = _point_params(moving, buffer_directions, point)
+    for k, b in objective.buffers.items():
+        if k not in out:
+            out[k] = b if point.ndim == 1 else b.unsqueeze(0).expand(point.shape[0], *b.shape)
+    return out
+
+
 @torch.no_grad()
 def _evaluate_block(
-    objective: Objective, origin: Params, directions: list[Params], points: Tensor, autocast_dtype: torch.dtype | None
+    objective: Objective, origin: Params, directions: list[Params], points: Tensor, autocast_dtype: torch.dtype | None,
+    buffer_directions: list[Params] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Loss and number correct at a ``(Q, d)`` block of points, with one vmapped pass per data batch."""
     stacked = _point_params(origin, directions, points)
+    buffers = _point_buffers(objective, buffer_directions, points)
     total = torch.zeros(points.shape[0], dtype=torch.float64, device=objective.device)
     correct = torch.zeros(points.shape[0], dtype=torch.long, device=objective.device)
     autocast = torch.autocast(objective.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -97,7 +112,7 @@ def _evaluate_block(
         for weight, x, y in objective._weights():
             for start in range(0, x.shape[0], chunk):
                 xs, ys = x[start : start + chunk], y[start : start + chunk]
-                out = torch.vmap(objective.forward, in_dims=(0, None))(stacked, xs)
+                out = torch.vmap(objective.forward, in_dims=(0, None, None if buffers is None else 0))(stacked, xs, buffers)
                 out = out.to(torch.promote_types(out.dtype, torch.float32))  # bf16 autocast outputs, not float64
                 losses = torch.vmap(objective.loss_fn, in_dims=(0, None))(out, ys)
                 total += (weight * xs.shape[0] / x.shape[0]) * losses.double()
@@ -114,18 +129,22 @@ def evaluate_points(
     origin: Params | None = None,
     batched: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    buffer_directions: list[Params] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Loss and accuracy of ``objective`` at ``origin + sum_j points[p, j] directions[j]`` for every ``p``.
 
     ``batched=True`` evaluates all the points in one vmapped pass per data batch (the caller chooses how
-    many points to pass at once); ``batched=False`` evaluates them one at a time.
+    many points to pass at once); ``batched=False`` evaluates them one at a time. ``buffer_directions``
+    (one dict of floating buffers per direction) moves the buffers along with the parameters; by default
+    they stay fixed.
     """
     origin = objective.params if origin is None else origin
     pts = torch.as_tensor(points, dtype=objective.dtype, device=objective.device)
     if batched and pts.shape[0] > 1:
-        loss, correct = _evaluate_block(objective, origin, directions, pts, autocast_dtype)
+        loss, correct = _evaluate_block(objective, origin, directions, pts, autocast_dtype, buffer_directions)
         return loss.cpu().numpy(), correct.cpu().numpy() / objective.n_examples
-    results = [objective.loss_and_accuracy(_point_params(origin, directions, p)) for p in pts]
+    results = [objective.loss_and_accuracy(_point_params(origin, directions, p), _point_buffers(objective, buffer_directions, p))
+               for p in pts]
     return np.array([r[0] for r in results]), np.array([r[1] for r in results])
 
 
@@ -149,6 +168,7 @@ def _compute_surface(
     points_per_pass: int | None,
     autocast_dtype: torch.dtype | None,
     progress: bool,
+    buffer_directions: list[Params] | None = None,
 ) -> SurfaceResult:
     shape = tuple(len(c) for c in coords)
     points = grid_points(coords)
@@ -186,7 +206,7 @@ def _compute_surface(
     for start in range(0, todo.size, q):
         index = todo[start : start + q]
         values, accs = evaluate_points(objective, directions, points[index], batched=batched,
-                                       autocast_dtype=autocast_dtype)
+                                       autocast_dtype=autocast_dtype, buffer_directions=buffer_directions)
         loss[index], accuracy[index] = values, accs
         if npz_path is not None:
             _save(npz_path, json_path, loss.reshape(shape), accuracy.reshape(shape), coords, recipe)
@@ -335,22 +355,37 @@ def interpolate(
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    buffers: str = "interpolate",
 ) -> SurfaceResult:
     """``L(w_a + t (w_b - w_a))`` for ``t`` in ``span`` (Goodfellow et al. 2015; Li et al. 2018, Sec. 3).
 
-    The buffers (BatchNorm running statistics) are ``model_a``'s at every ``t``: buffers are never
-    interpolated, so with BatchNorm the value at ``t = 1`` is ``model_b``'s weights with ``model_a``'s
-    statistics.
+    ``buffers="interpolate"`` (default) moves the floating buffers (BatchNorm running statistics) along
+    the same line, ``b_a + t (b_b - b_a)``, so ``t = 0`` and ``t = 1`` are exactly the two models;
+    ``"a"`` keeps ``model_a``'s buffers at every ``t`` (then with BatchNorm ``t = 1`` is ``model_b``'s
+    weights with ``model_a``'s statistics).
     """
+    if buffers not in ("interpolate", "a"):
+        raise ValueError(f"buffers must be 'interpolate' or 'a'; got {buffers!r}")
     objective = _objective(model_a, loss_fn, data, dtype, device, batch_size)
     other = {name: p.detach().to(objective.device, objective.dtype) for name, p in model_b.named_parameters() if p.requires_grad}
     if set(other) != set(objective.params):
         raise ValueError("model_a and model_b must have the same parameters (names and shapes)")
     direction = difference(other, objective.params)
-    recipe = {"kind": "interpolation", "models": _fingerprint([objective.params, other])}
+    buffer_directions = None
+    fingerprinted = [objective.params, other]
+    if buffers == "interpolate":
+        theirs = {name: b.detach().to(objective.device) for name, b in model_b.named_buffers()}
+        moving = [k for k, b in objective.buffers.items() if b.is_floating_point()]
+        if set(theirs) != set(objective.buffers) or any(theirs[k].shape != objective.buffers[k].shape for k in moving):
+            raise ValueError("model_a and model_b must have the same buffers (names and shapes) to interpolate them; "
+                             "pass buffers='a' to keep model_a's")
+        buffer_directions = [{k: theirs[k].to(objective.dtype) - objective.buffers[k] for k in moving}]
+        fingerprinted.append(buffer_directions[0])
+    recipe = {"kind": "interpolation", "models": _fingerprint(fingerprinted), "buffers": buffers}
     coords = [np.linspace(span[0], span[1], steps)]
     return _compute_surface(objective, [direction], coords, recipe, path=path, batched=batched,
-                            points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress)
+                            points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress,
+                            buffer_directions=buffer_directions)
 
 
 def load(path: str | Path) -> SurfaceResult:

@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="another run: the same direction recipe on its minimum (written beside it)")
     surface_parser.add_argument("--interpolate", type=Path, default=None,
                                 help="another run: the loss along w_a + t (w_b - w_a) instead of a random slice")
+    surface_parser.add_argument("--interpolate-buffers", choices=["interpolate", "a"], default="interpolate",
+                                help="interpolation: move BatchNorm statistics along the line too, or keep the first run's")
     surface_parser.add_argument("--points-per-pass", type=int, default=None,
                                 help="grid points per vmapped forward pass (default: 1, the plain loop, on CPU; sized to free memory on GPU)")
     surface_parser.add_argument("--bf16", action="store_true", help="evaluate under bf16 autocast")
@@ -538,7 +540,7 @@ def _run_surface(args: argparse.Namespace) -> int:
                 atomic_write_json(path.with_suffix(".json"), {**saved, args.directions: extra})
         elif args.interpolate is not None:
             result = surface.interpolate(run.model, other.model, F.cross_entropy, data, steps=args.steps,
-                                         span=tuple(args.span), path=path, **common)
+                                         span=tuple(args.span), path=path, buffers=args.interpolate_buffers, **common)
         elif args.dim == 1:
             result = surface.slice_1d(run.model, F.cross_entropy, data, steps=args.steps, span=tuple(args.span),
                                       seed=args.seed, norm=args.norm, ignore=args.ignore, path=path,

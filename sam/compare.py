@@ -194,9 +194,8 @@ def compare(
                 f"The same seeded filter-normalised directions (seed {config.seed}) around both minima, training loss; "
                 "z = log(min(L, zmax) + 0.1) with a shared z-range (Foret et al. 2021, Fig. 1; Li et al. 2018)."),
         Section(f"Interpolation from {a} to {b}", [dynamic["interpolation"]],
-                "Loss and accuracy along w_a + t (w_b - w_a), train (solid) and test (dashed). Buffers are never "
-                f"interpolated: every point uses {a}'s BatchNorm running statistics, so with BatchNorm the value at t = 1 "
-                f"is {b}'s weights with {a}'s statistics, not {b}'s own loss (see the summary table for that)."),
+                "Loss and accuracy along w_a + t (w_b - w_a), train (solid) and test (dashed); BatchNorm running "
+                "statistics are interpolated along the same line, so t = 0 and t = 1 are exactly the two models."),
         Section("Hessian spectrum", [dynamic["hessian"]],
                 "Top eigenvalues by Lanczos, lambda_max / lambda_5 (Jastrzebski et al. 2020) and the eigenvalue "
                 "density by stochastic Lanczos quadrature (Foret et al. 2021, Fig. 3 left)."),

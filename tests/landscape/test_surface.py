@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -129,6 +130,33 @@ def test_interpolation_reaches_both_endpoints():
         lb = float(F.cross_entropy(b.double()(X.double()), y))
     assert result.loss[np.argmin(np.abs(t - 0.0))] == pytest.approx(la, rel=1e-12)
     assert result.loss[np.argmin(np.abs(t - 1.0))] == pytest.approx(lb, rel=1e-12)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_interpolation_with_batchnorm_reaches_both_models_with_their_own_statistics(batched):
+    a, b = small_cnn(seed=0), small_cnn(seed=1)
+    X, y = cnn_data(n=24)
+    result = surface.interpolate(a, b, F.cross_entropy, (X, y), steps=5, span=(-0.5, 1.5), dtype=F64, batched=batched,
+                                 points_per_pass=5, progress=False)
+    with torch.no_grad():
+        la = float(F.cross_entropy(copy.deepcopy(a).double()(X.double()), y))
+        lb = float(F.cross_entropy(copy.deepcopy(b).double()(X.double()), y))
+        # the midpoint by hand: weights and running statistics both halfway
+        mid = copy.deepcopy(a).double()
+        for (name, t), t_b in zip(mid.state_dict().items(), b.double().state_dict().values()):
+            if t.is_floating_point():
+                t.copy_((t + t_b.double()) / 2)
+        lm = float(F.cross_entropy(mid(X.double()), y))
+    assert result.loss[1] == pytest.approx(la, rel=1e-12)
+    assert result.loss[3] == pytest.approx(lb, rel=1e-12)
+    assert result.loss[2] == pytest.approx(lm, rel=1e-12)
+    assert result.meta["recipe"]["buffers"] == "interpolate"
+
+    kept = surface.interpolate(a, b, F.cross_entropy, (X, y), steps=5, span=(-0.5, 1.5), dtype=F64, batched=batched,
+                               buffers="a", progress=False)
+    assert kept.loss[1] == pytest.approx(la, rel=1e-12) and abs(kept.loss[3] - lb) > 1e-6  # b's weights, a's statistics
+    with pytest.raises(ValueError, match="buffers must be 'interpolate' or 'a'"):
+        surface.interpolate(a, b, F.cross_entropy, (X, y), buffers="b", progress=False)
 
 
 def test_bf16_autocast_is_close_to_float32():
