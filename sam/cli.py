@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare_parser.add_argument("--out", type=Path, required=True, help="directory for analyses, figures and report.html")
     compare_parser.add_argument("--labels", nargs=2, default=["SGD", "SAM"], metavar=("A", "B"), help="names of the two runs")
     compare_parser.add_argument("--study", type=Path, default=None, help="a sam-landscape study directory: adds Kendall tau against m")
+    compare_parser.add_argument("--noise-study", type=Path, default=None,
+                                help="a label-noise study directory (or its noise_study.json): adds accuracy against noise")
     _add_compare_flags(compare_parser)
     compare_parser.set_defaults(handler=_run_compare)
 
@@ -303,7 +305,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
     compare(args.run_a, args.run_b, args.out, _compare_config(args), labels=tuple(args.labels), study_dir=args.study,
-            progress=args.progress)
+            noise_study=args.noise_study, progress=args.progress)
     return 0
 
 

@@ -7,8 +7,8 @@
    the *same* seeded direction recipe for both runs (``sam-landscape surface``), m-sharpness against m
    (``sam-landscape sharpness``), and the interpolation from A to B on the train and test splits;
 2. figures, as PNG and PDF (:mod:`landscape.plot.figures`): ``surface_3d``, ``surface_contours``,
-   ``slices_1d``, ``interpolation``, ``hessian``, ``m_sharpness``, ``training_curves`` (and
-   ``kendall_vs_m`` when a study directory is given);
+   ``slices_1d``, ``interpolation``, ``hessian``, ``m_sharpness``, ``training_curves``, and
+   ``kendall_vs_m`` / ``label_noise`` when a study / label-noise table is given;
 3. ``DIR/report.html``: a self-contained report with a summary table and the interactive versions.
 
 :func:`demo` trains SGD and SAM on digits and runs :func:`compare` into ``figures/``.
@@ -31,7 +31,8 @@ from landscape.plot.report import Section, write_report
 
 from .trainer import TrainConfig, train
 
-__all__ = ["CompareConfig", "CompareResult", "compare", "demo", "load_hessian", "load_metrics", "summary_rows"]
+__all__ = ["CompareConfig", "CompareResult", "compare", "demo", "load_hessian", "load_metrics", "load_noise_table",
+           "summary_rows"]
 
 FIGURES = ("surface_3d", "surface_contours", "slices_1d", "interpolation", "hessian", "m_sharpness", "training_curves")
 
@@ -88,6 +89,23 @@ def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def load_noise_table(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a label-noise table: ``noise_study.json`` (its ``"table"``) in a directory, or that file.
+
+    Each row has ``optimizer``, ``noise`` (the flipped fraction), ``mean`` (clean test accuracy) and
+    optionally ``spread`` over seeds, as :func:`landscape.plot.figures.label_noise` takes them.
+    """
+    path = Path(path)
+    file = path / "noise_study.json" if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found: give a noise-study directory or its noise_study.json")
+    rows = json.loads(file.read_text()).get("table")
+    missing = [k for k in ("optimizer", "noise", "mean") if not rows or any(k not in r for r in rows)]
+    if missing:
+        raise ValueError(f"{file} must hold a 'table' of rows with optimizer, noise and mean; missing {missing}")
+    return rows
+
+
 def summary_rows(labels: Sequence[str], hessians: Sequence[dict], sharpness: Sequence[dict],
                  metrics: Sequence[list[dict]]) -> list[dict[str, Any]]:
     """The report's summary: one row per quantity, one column per model."""
@@ -116,6 +134,7 @@ def compare(
     *,
     labels: tuple[str, str] = ("SGD", "SAM"),
     study_dir: str | Path | None = None,
+    noise_study: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> CompareResult:
@@ -186,6 +205,10 @@ def compare(
         table = json.loads((Path(study_dir) / "study.json").read_text())["kendall"]
         static["kendall_vs_m"] = figures.kendall_vs_m(table)
         dynamic["kendall_vs_m"] = interactive.kendall_vs_m(table)
+    if noise_study is not None:
+        noise_rows = load_noise_table(noise_study)
+        static["label_noise"] = figures.label_noise(noise_rows)
+        dynamic["label_noise"] = interactive.label_noise(noise_rows)
     written = {name: figures.save_figure(fig, out / name) for name, fig in static.items()}
 
     a, b = labels
@@ -203,6 +226,9 @@ def compare(
                 f"m-sharpness (one SAM step of radius {config.rho:g} per chunk of m training examples) against m."),
         Section("Training", [dynamic["training_curves"]], "Loss and accuracy per epoch, train and test."),
     ]
+    if "label_noise" in dynamic:
+        sections.append(Section("Label noise", [dynamic["label_noise"]],
+                                "Clean test accuracy after training on symmetrically noisy labels, mean and spread over seeds."))
     summary = summary_rows(labels, hessians, sharpness, metrics)
     report = write_report(out / "report.html", f"{a} vs {b}: {runs[0].name} and {runs[1].name}",
                           ["quantity", *labels], summary, sections,

@@ -29,6 +29,7 @@ import matplotlib
 import numpy as np
 from matplotlib.colors import LightSource
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from sam._io import atomic_write
 
@@ -232,15 +233,18 @@ def hessian_spectrum(hessians: Mapping[str, Mapping[str, Any]], *, width: float 
             values = np.asarray(h["eigenvalues"], dtype=np.float64)
             top_ax.plot(np.arange(1, len(values) + 1), values, "o-", color=_colour(i), label=label, markersize=3)
         top_ax.set(xlabel="index i", ylabel=r"$\lambda_i$", title="top Hessian eigenvalues")
+        top_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         top_ax.legend()
         width_bar = 0.8 / len(labels)
         for i, (label, h) in enumerate(hessians.items()):
             values = np.asarray(h["eigenvalues"], dtype=np.float64)
-            ratio = values[0] / values[4] if len(values) >= 5 else np.nan
-            bars = bar_ax.bar(np.arange(2) + (i - (len(labels) - 1) / 2) * width_bar, [values[0], ratio], width_bar,
+            heights = [values[0], values[0] / values[4]] if len(values) >= 5 else [values[0]]  # the ratio needs 5
+            bars = bar_ax.bar(np.arange(len(heights)) + (i - (len(labels) - 1) / 2) * width_bar, heights, width_bar,
                               color=_colour(i), label=label)
             bar_ax.bar_label(bars, fmt="%.3g", fontsize=6)
-        bar_ax.set_xticks([0, 1], [r"$\lambda_{max}$", r"$\lambda_{max}/\lambda_5$"])
+        with_ratio = all(len(h["eigenvalues"]) >= 5 for h in hessians.values())
+        bar_ax.set_xticks([0, 1] if with_ratio else [0],
+                          [r"$\lambda_{max}$", r"$\lambda_{max}/\lambda_5$"] if with_ratio else [r"$\lambda_{max}$"])
         bar_ax.set(title="sharpness of the minimum")
         if with_density:
             ax = axes[2]

@@ -96,6 +96,8 @@ def test_hessian_figure_has_eigenvalues_ratio_bars_and_log_density():
     assert density_ax.get_yscale() == "log" and density_ax.get_xlabel() == "eigenvalue"
     without = figures.hessian_spectrum({"A": {"eigenvalues": [3.0, 2.0]}})
     assert len(without.axes) == 2
+    assert [p.get_height() for p in without.axes[1].patches] == [3.0]  # no lambda_5: no ratio bar
+    assert [tick.get_text() for tick in without.axes[1].get_xticklabels()] == [r"$\lambda_{max}$"]
 
 
 def test_sharpness_kendall_training_and_noise_figures():

@@ -296,12 +296,30 @@ def test_compare_command_writes_every_figure_and_the_report_and_reuses_analyses(
     assert f"<td>lambda_max</td><td>{saved['lambda_max']:.4g}</td>" in report
     assert "m-sharpness, m = 64" in report
 
+    assert not (out / "label_noise.png").exists() and not (out / "kendall_vs_m.png").exists()
+
     hessian_file = out / "analyses" / "sam" / "hessian.json"
     stamp = hessian_file.stat().st_mtime_ns
     capsys.readouterr()
-    assert main(argv) == 0  # the analyses are reused, only the figures are drawn again
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    rows = [{"optimizer": o, "noise": r, "mean": 0.95 - r * s, "spread": 0.01} for o, s in (("sgd", 0.5), ("sam", 0.2))
+            for r in (0.0, 0.4)]
+    (noise / "noise_study.json").write_text(json.dumps({"table": rows}))
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.json").write_text(json.dumps({"kendall": [
+        {"measure": "m_sharpness", "m": m, "tau_loss_gap": t, "tau_error_gap": t} for m, t in ((1, 0.8), (16, 0.7))]}))
+    # the analyses are reused, only the figures are drawn again, now with the label-noise and study figures
+    assert main([*argv, "--noise-study", str(noise), "--study", str(study)]) == 0
     assert hessian_file.stat().st_mtime_ns == stamp
     assert "Hessian spectrum" not in capsys.readouterr().out
+    assert (out / "label_noise.png").exists() and (out / "kendall_vs_m.pdf").exists()
+    report = (out / "report.html").read_text()
+    assert ">Label noise</h2>" in report and report.count('class="plotly-graph-div"') == 9
+    (noise / "noise_study.json").write_text(json.dumps({"table": [{"optimizer": "sgd"}]}))
+    assert main([*argv, "--noise-study", str(noise)]) == 2
+    assert "missing ['noise', 'mean']" in capsys.readouterr().err
 
     assert main(["compare", str(tmp_path / "nope"), str(other), "--out", str(out)]) == 2
     err = capsys.readouterr().err
