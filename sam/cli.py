@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "optimizers (sgd, sam, asam) and rhos; compute the generalization gap and every sharpness measure of "
         "each; write study.csv, kendall.csv and study.json (Kendall tau between each measure and the gap, as a "
         "function of m) into --out. Rerunning resumes: finished models are not retrained or remeasured. The "
-        "default (24 digits models, 15 epochs) takes about 12 minutes on a 2-core CPU; widen the grid and "
+        "default (24 digits models, 15 epochs) took 9 minutes on a 2-core CPU; widen the grid and "
         "--epochs on a GPU.",
         formatter_class=_HelpFormatter,
     )

@@ -44,6 +44,7 @@ __all__ = [
     "surface_contours",
     "slices_1d",
     "interpolation",
+    "hessian_data",
     "hessian_spectrum",
     "m_sharpness",
     "kendall_vs_m",
@@ -216,6 +217,15 @@ def interpolation(train: Any, test: Any | None = None, *, labels: tuple[str, str
         loss_ax.set(yscale="log", ylabel="loss")
         acc_ax.set(ylabel="accuracy (%)")
     return fig
+
+
+def hessian_data(eigen: Any, density: Any | None = None) -> dict[str, Any]:
+    """What :func:`hessian_spectrum` takes, from :func:`landscape.hessian.top_eigenvalues` (``.eigenvalues``)
+    and optionally :func:`landscape.hessian.spectral_density` (``.grid``, ``.density``)."""
+    out: dict[str, Any] = {"eigenvalues": np.asarray(eigen.eigenvalues, dtype=np.float64)}
+    if density is not None:
+        out.update(density_grid=np.asarray(density.grid, dtype=np.float64), density=np.asarray(density.density, dtype=np.float64))
+    return out
 
 
 def hessian_spectrum(hessians: Mapping[str, Mapping[str, Any]], *, width: float = TWO_COLUMN) -> Figure:

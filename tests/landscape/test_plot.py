@@ -169,3 +169,21 @@ def test_report_holds_the_summary_and_every_section_and_is_self_contained(tmp_pa
     assert "<script src=" not in text and 'src="http' not in text  # plotly.js inlined once, no network
     assert len(text) > 3_000_000
     assert html_report("t", ["q"], [], []).count("plotly") == 0
+
+
+def test_hessian_data_builds_the_figure_input_from_the_api_results():
+    import torch
+    import torch.nn.functional as F
+
+    from landscape import hessian
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    data = (torch.randn(40, 4), torch.randint(0, 3, (40,)))
+    eigen = hessian.top_eigenvalues(model, F.cross_entropy, data, k=5, progress=False)
+    density = hessian.spectral_density(model, F.cross_entropy, data, n_runs=2, n_steps=8, progress=False)
+    entry = figures.hessian_data(eigen, density)
+    np.testing.assert_allclose(entry["eigenvalues"], eigen.eigenvalues.numpy())
+    fig = figures.hessian_spectrum({"model": entry})
+    np.testing.assert_allclose(fig.axes[2].get_lines()[0].get_xdata(), np.asarray(density.grid))
+    assert "density" not in figures.hessian_data(eigen)
