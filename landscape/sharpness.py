@@ -81,7 +81,7 @@ NOISES = ("gaussian", "uniform")
 DEFAULT_MS = (1, 4, 16, 64, 256)
 
 # Examples (chunk size x chunks) in one vmapped call. On the CPU, per-example gradients of the digits CNN
-# ran fastest at 64-256 (m = 1: 0.87 s at 128, 1.29 s at 1024, 3.89 s looping; benchmarks/bench_sharpness.py).
+# ran fastest at 128 (m = 1: 0.64 s at 128, 1.25 s at 512, 5.06 s looping; benchmarks/RESULTS.md).
 _EXAMPLES_PER_CALL = {"cpu": 128, "cuda": 1024}
 _PARAM_ELEMENTS_PER_CALL = 2**24  # stacked perturbation elements in one vmapped call (64 MiB in float32)
 _TINY = 1e-12
@@ -714,8 +714,9 @@ def pac_bayes_flatness(
     noise variance ``sigma^2 w_i^2 + epsilon^2``, "pacbayes.mag.flatness"). Found by bisection on
     ``log sigma`` in ``sigma_range`` for ``iterations`` steps with the same ``n_samples`` seeded draws at
     every ``sigma`` (common random numbers), so the expected accuracy is a deterministic function of
-    ``sigma``. If even the largest ``sigma`` keeps the drop within bounds, ``sigma'`` is that bound and
-    ``settings["bracketed"]`` is False.
+    ``sigma``. If even the largest ``sigma`` keeps the drop within bounds, ``sigma'`` is that bound, and
+    if even the smallest one exceeds it, ``sigma'`` is the smallest; either way ``settings["bracketed"]``
+    is False.
     """
     if not 0 < accuracy_drop < 1:
         raise ValueError(f"accuracy_drop must be in (0, 1); got {accuracy_drop!r}")
@@ -746,9 +747,11 @@ def pac_bayes_flatness(
     bar.update()
     bracketed = acc_hi < target
     acc_at, se_at = acc_hi, se_hi
+    low_ok = True
     if bracketed:
         acc_at, se_at = mean_accuracy(lo)
-        for _ in range(iterations):
+        low_ok = acc_at >= target  # False: even the smallest sigma drops accuracy too much
+        for _ in range(iterations if low_ok else 0):
             mid = math.sqrt(lo * hi)
             acc_mid, se_mid = mean_accuracy(mid)
             if acc_mid >= target:
@@ -761,7 +764,7 @@ def pac_bayes_flatness(
     settings = {"sigma": sigma, "accuracy": accuracy, "accuracy_drop": accuracy_drop,
                 "perturbed_accuracy": acc_at, "perturbed_accuracy_std_error": se_at,
                 "magnitude_aware": magnitude_aware, "epsilon": epsilon if magnitude_aware else None,
-                "n_samples": n_samples, "iterations": iterations, "seed": seed, "bracketed": bracketed}
+                "n_samples": n_samples, "iterations": iterations, "seed": seed, "bracketed": bracketed and low_ok}
     return SharpnessResult(1.0 / sigma**2, None, "pac_bayes", settings)
 
 

@@ -83,11 +83,12 @@ def _point_params(origin: Params, directions: list[Params], point: Tensor) -> Pa
 
 def _point_buffers(objective: Objective, buffer_directions: list[Params] | None, point: Tensor) -> Params | None:
     """The buffers at a point (or a ``(Q, d)`` block): floating buffers moved along ``buffer_directions``
-    like the parameters, the others (e.g. ``num_batches_tracked``) kept; ``None`` keeps them all fixed."""
+    with the coordinates clamped to ``[0, 1]`` (between the endpoints only: extrapolated running variances
+    could turn negative), the others (e.g. ``num_batches_tracked``) kept; ``None`` keeps them all fixed."""
     if buffer_directions is None:
         return None
     moving = {k: b for k, b in objective.buffers.items() if k in buffer_directions[0]}
-    out = _point_params(moving, buffer_directions, point)
+    out = _point_params(moving, buffer_directions, point.clamp(0.0, 1.0))
     for k, b in objective.buffers.items():
         if k not in out:
             out[k] = b if point.ndim == 1 else b.unsqueeze(0).expand(point.shape[0], *b.shape)
@@ -135,8 +136,8 @@ def evaluate_points(
 
     ``batched=True`` evaluates all the points in one vmapped pass per data batch (the caller chooses how
     many points to pass at once); ``batched=False`` evaluates them one at a time. ``buffer_directions``
-    (one dict of floating buffers per direction) moves the buffers along with the parameters; by default
-    they stay fixed.
+    (one dict of floating buffers per direction) moves the buffers along with the parameters, with the
+    coordinates clamped to ``[0, 1]``; by default they stay fixed.
     """
     origin = objective.params if origin is None else origin
     pts = torch.as_tensor(points, dtype=objective.dtype, device=objective.device)
@@ -360,7 +361,9 @@ def interpolate(
     """``L(w_a + t (w_b - w_a))`` for ``t`` in ``span`` (Goodfellow et al. 2015; Li et al. 2018, Sec. 3).
 
     ``buffers="interpolate"`` (default) moves the floating buffers (BatchNorm running statistics) along
-    the same line, ``b_a + t (b_b - b_a)``, so ``t = 0`` and ``t = 1`` are exactly the two models;
+    the same line, ``b_a + s (b_b - b_a)`` with ``s = clamp(t, 0, 1)`` (beyond the endpoints the buffers
+    stay at the nearer model's: extrapolated running variances could turn negative), so ``t = 0`` and
+    ``t = 1`` are the two models (up to rounding of ``w_a + (w_b - w_a)``);
     ``"a"`` keeps ``model_a``'s buffers at every ``t`` (then with BatchNorm ``t = 1`` is ``model_b``'s
     weights with ``model_a``'s statistics).
     """
@@ -381,7 +384,8 @@ def interpolate(
                              "pass buffers='a' to keep model_a's")
         buffer_directions = [{k: theirs[k].to(objective.dtype) - objective.buffers[k] for k in moving}]
         fingerprinted.append(buffer_directions[0])
-    recipe = {"kind": "interpolation", "models": _fingerprint(fingerprinted), "buffers": buffers}
+    recipe = {"kind": "interpolation", "models": _fingerprint(fingerprinted),
+              "buffers": "interpolate, clamped to [0, 1]" if buffers == "interpolate" else buffers}
     coords = [np.linspace(span[0], span[1], steps)]
     return _compute_surface(objective, [direction], coords, recipe, path=path, batched=batched,
                             points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress,

@@ -29,7 +29,7 @@ from landscape import surface
 from landscape.plot import figures, interactive
 from landscape.plot.report import Section, write_report
 
-from .trainer import TrainConfig, train
+from .trainer import TrainConfig, load_run, train
 
 __all__ = ["CompareConfig", "CompareResult", "compare", "demo", "load_hessian", "load_metrics", "load_noise_table",
            "summary_rows"]
@@ -67,11 +67,37 @@ class CompareResult:
 
 
 def _cli(argv: list[str]) -> None:
-    """Run one ``sam-landscape`` analysis command in-process (errors propagate as exceptions)."""
+    """Run one ``sam-landscape`` analysis command in-process (errors propagate as exceptions, never exit)."""
+    import contextlib
+    import io
+
     from .cli import build_parser
 
-    args = build_parser().parse_args(argv)
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            args = build_parser().parse_args(argv)
+    except SystemExit:
+        raise ValueError(f"invalid compare settings for {argv[0]}: {errors.getvalue().strip()}") from None
     args.handler(args)
+
+
+def _check_reusable(path: Path, expected: dict[str, Any]) -> None:
+    """A saved analysis is reused only when it was made with these settings from this checkpoint."""
+    saved = json.loads(path.read_text())
+    found = {key: _lookup(saved, key) for key in expected}
+    differing = sorted(key for key in expected if found[key] != expected[key])
+    if differing:
+        raise ValueError(f"{path} was computed with other settings or another checkpoint ({', '.join(differing)}: "
+                         f"saved {[found[k] for k in differing]}, asked {[expected[k] for k in differing]}); "
+                         "choose another --out, or remove it to recompute")
+
+
+def _lookup(saved: dict[str, Any], dotted: str) -> Any:
+    value: Any = saved
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def load_hessian(directory: str | Path) -> dict[str, Any]:
@@ -144,8 +170,14 @@ def compare(
     for run in runs:
         if not (run / "config.json").exists():
             raise FileNotFoundError(f"{run} is not a run directory (no config.json); train one with sam-landscape train")
-    if labels[0] == labels[1]:
-        raise ValueError(f"the two labels must differ; got {labels}")
+    if labels[0].lower() == labels[1].lower():
+        raise ValueError(f"the two labels must differ (ignoring case: they name directories); got {labels}")
+    if not config.ms:
+        raise ValueError("CompareConfig.ms must list at least one chunk size")
+    # inputs that are only read at the end are checked before hours of analyses
+    table = json.loads((Path(study_dir) / "study.json").read_text())["kendall"] if study_dir is not None else None
+    noise_rows = load_noise_table(noise_study) if noise_study is not None else None
+    checkpoints = {run: load_run(run, device="cpu").checkpoint_sha256 for run in runs}
     quiet = [] if progress else ["--no-progress"]
     common = ["--seed", str(config.seed), "--device", config.device, *quiet]
     span = [str(-config.span), str(config.span)]
@@ -153,7 +185,12 @@ def compare(
     start = time.perf_counter()
     for run, label, directory in zip(runs, labels, dirs):
         directory.mkdir(parents=True, exist_ok=True)
-        if not (directory / "hessian.json").exists():
+        sha = checkpoints[run]
+        if (directory / "hessian.json").exists():
+            _check_reusable(directory / "hessian.json", {
+                "checkpoint_sha256": sha, "seed": config.seed, "trace.n_matvecs": config.trace_matvecs,
+                "density.n_runs": config.density_runs, "density.n_steps": config.density_steps})
+        else:
             log(f"{label}: Hessian spectrum")
             _cli(["hessian", str(run), "--k", str(config.hessian_k), "--trace-matvecs", str(config.trace_matvecs),
                   "--density", "--density-runs", str(config.density_runs), "--density-steps", str(config.density_steps),
@@ -163,7 +200,11 @@ def compare(
               "--out", str(directory), *common])
         _cli(["surface", str(run), "--dim", "1", "--steps", str(config.slice_steps), "--span", *span,
               "--out", str(directory), *common])
-        if not (directory / "sharpness.json").exists():
+        if (directory / "sharpness.json").exists():
+            _check_reusable(directory / "sharpness.json", {
+                "checkpoint_sha256": sha, "settings.ms": list(config.ms), "settings.rho": config.rho,
+                "settings.seed": config.seed})
+        else:
             log(f"{label}: m-sharpness")
             _cli(["sharpness", str(run), "--measures", "m_sharpness", "--m", *map(str, config.ms), "--rho", str(config.rho),
                   "--out", str(directory), *common])
@@ -201,12 +242,10 @@ def compare(
         "m_sharpness": interactive.m_sharpness(curves),
         "training_curves": interactive.training_curves(by_label(metrics)),
     }
-    if study_dir is not None:
-        table = json.loads((Path(study_dir) / "study.json").read_text())["kendall"]
+    if table is not None:
         static["kendall_vs_m"] = figures.kendall_vs_m(table)
         dynamic["kendall_vs_m"] = interactive.kendall_vs_m(table)
-    if noise_study is not None:
-        noise_rows = load_noise_table(noise_study)
+    if noise_rows is not None:
         static["label_noise"] = figures.label_noise(noise_rows)
         dynamic["label_noise"] = interactive.label_noise(noise_rows)
     written = {name: figures.save_figure(fig, out / name) for name, fig in static.items()}

@@ -236,13 +236,13 @@ def run_study(
             f"(training {trained:.1f} s, measures {measured['seconds']:.1f} s when computed)")
     columns = list(measure_columns(measured))
     included = [row for row in rows if row["included"]]
+    _write_csv(out / "study.csv", rows)  # written even when too few models fit, to show which did
     if len(included) < 3:
         raise ValueError(f"only {len(included)} of {len(rows)} models reached training error <= {config.max_train_error}; "
                          "train longer (--epochs) or raise --max-train-error")
     log(f"{len(included)} of {len(rows)} models fit the training set (error <= {config.max_train_error}); "
         "Kendall tau over those")
     table = kendall_table(included, columns)
-    _write_csv(out / "study.csv", rows)
     _write_csv(out / "kendall.csv", table)
     atomic_write_json(out / "study.json", {"config": config.to_dict(), "rows": rows, "kendall": table})
     return StudyResult(rows, table, out)

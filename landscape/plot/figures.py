@@ -6,7 +6,8 @@ paper: :data:`ONE_COLUMN` (3.25 in) or :data:`TWO_COLUMN` (6.75 in) wide; fonts 
 come from the Okabe-Ito colour-blind-safe palette; :func:`save_figure` writes PNG and PDF with the text
 kept as text (TrueType, ``pdf.fonttype = 42``).
 
-Inputs (what :mod:`landscape.plot.data` loads from saved results):
+Inputs (:func:`landscape.surface.load`, :func:`sam.compare.load_hessian` and :func:`sam.compare.load_metrics`
+read them back from saved results; :func:`hessian_data` builds a Hessian entry from the API's results):
 
 * a surface: anything with ``.coords`` (one array per axis) and ``.loss`` / ``.accuracy`` arrays shaped
   like the grid, e.g. a :class:`landscape.surface.SurfaceResult`;
@@ -120,7 +121,7 @@ def _check_2d(surfaces: Mapping[str, Any]) -> None:
 
 
 def _shared_zmax(surfaces: Mapping[str, Any], zmax: float | None) -> float:
-    """The cap of every panel: the given one, or the largest loss on the smallest panel's border."""
+    """The cap of every panel: the given one, or the largest loss over all panels."""
     if zmax is not None:
         return float(zmax)
     return float(max(np.nanmax(np.asarray(s.loss)) for s in surfaces.values()))

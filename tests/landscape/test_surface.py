@@ -150,11 +150,26 @@ def test_interpolation_with_batchnorm_reaches_both_models_with_their_own_statist
     assert result.loss[1] == pytest.approx(la, rel=1e-12)
     assert result.loss[3] == pytest.approx(lb, rel=1e-12)
     assert result.loss[2] == pytest.approx(lm, rel=1e-12)
-    assert result.meta["recipe"]["buffers"] == "interpolate"
+    assert result.meta["recipe"]["buffers"] == "interpolate, clamped to [0, 1]"
 
     kept = surface.interpolate(a, b, F.cross_entropy, (X, y), steps=5, span=(-0.5, 1.5), dtype=F64, batched=batched,
                                buffers="a", progress=False)
     assert kept.loss[1] == pytest.approx(la, rel=1e-12) and abs(kept.loss[3] - lb) > 1e-6  # b's weights, a's statistics
+    # beyond the endpoints the statistics stay at the nearer model's: a variance ratio above 3 would turn
+    # the extrapolated running variance negative (NaN loss)
+    with torch.no_grad():
+        a2, b2 = copy.deepcopy(a).double(), copy.deepcopy(b).double()
+        a2[1].running_var.fill_(0.1)
+        b2[1].running_var.fill_(1.0)
+    wide = surface.interpolate(a2, b2, F.cross_entropy, (X, y), steps=5, span=(-0.5, 1.5), dtype=F64, batched=batched,
+                               points_per_pass=5, progress=False)
+    assert np.isfinite(wide.loss).all()
+    with torch.no_grad():
+        outside = copy.deepcopy(a2)
+        for (name, p), p_b in zip(outside.named_parameters(), b2.parameters()):
+            p.copy_(p - 0.5 * (p_b - p))  # t = -0.5: the weights extrapolated, the statistics a2's own
+        expected = float(F.cross_entropy(outside(X.double()), y))
+    assert wide.loss[0] == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="buffers must be 'interpolate' or 'a'"):
         surface.interpolate(a, b, F.cross_entropy, (X, y), buffers="b", progress=False)
 

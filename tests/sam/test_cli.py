@@ -256,6 +256,7 @@ def test_study_command_runs_a_small_study_and_resumes(tmp_path, capsys):
             "--measures", "m_sharpness", "average", "--m", "16", "64", "--n-samples", "2", "--no-progress"]
     assert main([*argv, "--max-train-error", "0"]) == 2  # one epoch fits nothing: no models to correlate
     assert "only 0 of 4 models reached training error <= 0.0" in capsys.readouterr().err
+    assert len((tmp_path / "study" / "study.csv").read_text().splitlines()) == 5  # the rows that explain it
     argv = [*argv, "--max-train-error", "-1"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -320,6 +321,12 @@ def test_compare_command_writes_every_figure_and_the_report_and_reuses_analyses(
     (noise / "noise_study.json").write_text(json.dumps({"table": [{"optimizer": "sgd"}]}))
     assert main([*argv, "--noise-study", str(noise)]) == 2
     assert "missing ['noise', 'mean']" in capsys.readouterr().err
+    # saved analyses made with other settings are never reused silently
+    assert main([*argv, "--rho", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "sharpness.json was computed with other settings or another checkpoint (settings.rho" in err
+    assert main([*argv, "--labels", "sgd", "SGD"]) == 2
+    assert "the two labels must differ (ignoring case" in capsys.readouterr().err
 
     assert main(["compare", str(tmp_path / "nope"), str(other), "--out", str(out)]) == 2
     err = capsys.readouterr().err
