@@ -9,9 +9,17 @@ from pathlib import Path
 
 from sam.trainer import LoadedRun, TrainConfig, load_run, train
 
-__all__ = ["DEFAULT_CACHE", "trained_run"]
+__all__ = ["DEFAULT_CACHE", "add_run_arguments", "trained_run"]
 
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "sam-landscape-bench"
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--run-dir`` and ``--epochs``: where the benchmark runs and which trained model it uses."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--run-dir", default=None,
+                        help=f"an existing run directory, or where to train one; default: {DEFAULT_CACHE}/digits-sgd")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs when training (default 30; --quick: 3)")
 
 
 def trained_run(args: argparse.Namespace) -> LoadedRun:

@@ -70,7 +70,7 @@ from torch import nn
 
 from landscape.lanczos import top_eigenpairs
 from landscape.objective import HessianOperator, Objective
-from _cached_run import DEFAULT_CACHE, trained_run
+from _cached_run import add_run_arguments, trained_run
 from _timing import synchronize, time_steps
 
 FULL_TOLS = [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5]
@@ -325,10 +325,7 @@ def _fmt_ratio(value: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--run-dir", default=None,
-                        help=f"an existing run directory to analyse, or where to train one; default: {DEFAULT_CACHE}/digits-sgd")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs when training (default 30; --quick: 3)")
+    add_run_arguments(parser)
     parser.add_argument("--quick", action="store_true",
                         help="3-epoch model, tolerances 1e-1..1e-4, fewer timing rounds: a ~2 minute smoke run")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5], help="numbers of top eigenvalues")

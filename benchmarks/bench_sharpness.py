@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _cached_run import DEFAULT_CACHE, trained_run
+from _cached_run import add_run_arguments, trained_run
 from _timing import time_steps
 from landscape.sharpness import _partition, m_sharpness, sharpness_objective
 
@@ -66,10 +66,7 @@ def autograd_loop(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, m: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--run-dir", default=None,
-                        help=f"an existing run directory, or where to train one; default: {DEFAULT_CACHE}/digits-sgd")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs when training (default 30; --quick: 3)")
+    add_run_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="m = 1 on the first 256 examples: a smoke run")
     parser.add_argument("--m", type=int, nargs="+", default=None, help="chunk sizes (default 1 16)")
     parser.add_argument("--e", type=int, nargs="+", default=None, help="examples per vmapped call")

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _cached_run import DEFAULT_CACHE, trained_run
+from _cached_run import add_run_arguments, trained_run
 from _timing import synchronize, time_steps
 from landscape.surface import slice_2d
 
@@ -76,10 +76,7 @@ def patch_loss_landscapes_device() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--run-dir", default=None,
-                        help=f"an existing run directory, or where to train one; default: {DEFAULT_CACHE}/digits-sgd")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs when training (default 30; --quick: 3)")
+    add_run_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="7 x 7 grid, Q in 8 32: a < 1 minute smoke run")
     parser.add_argument("--steps", type=int, default=None, help="grid points per axis (default 21; --quick: 7)")
     parser.add_argument("--q", type=int, nargs="+", default=None, help="points per pass (default 4 8 16 32; --quick: 8 32)")

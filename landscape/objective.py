@@ -36,6 +36,7 @@ __all__ = [
     "NondeterministicObjective",
     "ParamLayout",
     "as_batches",
+    "evaluation_objective",
 ]
 
 Data = Union[torch.utils.data.DataLoader, tuple[Tensor, Tensor], list[tuple[Tensor, Tensor]]]
@@ -338,6 +339,20 @@ class Objective:
         if not timings:
             raise RuntimeError("neither forward-over-reverse nor double-backward HVPs work for this model")
         return min(timings, key=timings.get)
+
+
+def evaluation_objective(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Data,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+) -> Objective:
+    """An :class:`Objective` for losses and gradients (surfaces, sharpness): its HVP method is fixed to
+    double backward instead of being timed at construction, since these analyses need no HVPs."""
+    return Objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method="double_backward")
 
 
 def _hvp_jvp(f: Callable[..., Tensor], params: Params, v: Params, x: Tensor, y: Tensor) -> Params:

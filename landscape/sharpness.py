@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from ._checks import check_int
 from .lanczos import top_eigenpairs
-from .objective import Data, LossFn, Objective, Params
+from .objective import Data, LossFn, Objective, Params, evaluation_objective
 
 __all__ = [
     "ASCENTS",
@@ -354,7 +354,7 @@ def sharpness_objective(
     batch_size: int | None = None,
 ) -> Objective:
     """The objective every measure here analyses; build it once and pass ``objective=`` to share it."""
-    return Objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method="double_backward")
+    return evaluation_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
 
 
 def _scale(params: Params, adaptive: bool, eta: float) -> Params | None:

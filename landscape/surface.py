@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from sam._io import atomic_write, atomic_write_json
 
 from .directions import difference, random_direction, random_plane
-from .objective import Data, LossFn, Objective, Params, _training_flags
+from .objective import Data, LossFn, Objective, Params, _training_flags, evaluation_objective
 
 _EXAMPLE_POINTS_PER_CALL = 1024
 
@@ -253,11 +253,6 @@ def _save(npz_path: Path, json_path: Path, loss: np.ndarray, accuracy: np.ndarra
     atomic_write_json(json_path, {"recipe": recipe, "points_done": done, "points_total": int(loss.size)})
 
 
-def _objective(model: nn.Module, loss_fn: LossFn, data: Data, dtype: torch.dtype | None,
-               device: torch.device | str | None, batch_size: int | None) -> Objective:
-    return Objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method="double_backward")
-
-
 def slice_1d(
     model: nn.Module,
     loss_fn: LossFn,
@@ -285,7 +280,7 @@ def slice_1d(
     biases/BatchNorm parameters (``norm``, ``ignore``: :func:`landscape.directions.normalize_direction`).
     ``model_id`` (e.g. the checkpoint's SHA-256) is part of the saved recipe.
     """
-    objective = _objective(model, loss_fn, data, dtype, device, batch_size)
+    objective = evaluation_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
     if direction is None:
         direction = random_direction(objective.params, seed=seed, norm=norm, ignore=ignore)
         recipe = {"kind": "random", "seed": seed, "norm": norm, "ignore": ignore}
@@ -327,7 +322,7 @@ def slice_2d(
     with the same ``seed``, ``norm`` and ``ignore``. ``result.loss[i, j]`` is at
     ``(coords[0][i], coords[1][j])``.
     """
-    objective = _objective(model, loss_fn, data, dtype, device, batch_size)
+    objective = evaluation_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
     if directions is None:
         directions = random_plane(objective.params, seed=seed, norm=norm, ignore=ignore, orthogonal=orthogonal)
         recipe = {"kind": "random", "seed": seed, "norm": norm, "ignore": ignore, "orthogonal": orthogonal}
@@ -369,7 +364,7 @@ def interpolate(
     """
     if buffers not in ("interpolate", "a"):
         raise ValueError(f"buffers must be 'interpolate' or 'a'; got {buffers!r}")
-    objective = _objective(model_a, loss_fn, data, dtype, device, batch_size)
+    objective = evaluation_objective(model_a, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
     other = {name: p.detach().to(objective.device, objective.dtype) for name, p in model_b.named_parameters() if p.requires_grad}
     if set(other) != set(objective.params):
         raise ValueError("model_a and model_b must have the same parameters (names and shapes)")

@@ -224,30 +224,24 @@ def compare(
     by_label = lambda values: dict(zip(labels, values))  # noqa: E731
     curves = by_label([s["measures"]["m_sharpness"] for s in sharpness])
 
-    static = {
-        "surface_3d": figures.surface_3d(surfaces, zmax=config.zmax),
-        "surface_contours": figures.surface_contours(surfaces, zmax=config.zmax),
-        "slices_1d": figures.slices_1d(slices),
-        "interpolation": figures.interpolation(path_train, path_test, labels=labels),
-        "hessian": figures.hessian_spectrum(by_label(hessians)),
-        "m_sharpness": figures.m_sharpness(curves),
-        "training_curves": figures.training_curves(by_label(metrics)),
-    }
-    dynamic = {
-        "surface_3d": interactive.surface_3d(surfaces, zmax=config.zmax),
-        "surface_contours": interactive.surface_contours(surfaces, zmax=config.zmax),
-        "slices_1d": interactive.slices_1d(slices),
-        "interpolation": interactive.interpolation(path_train, path_test, labels=labels),
-        "hessian": interactive.hessian_spectrum(by_label(hessians)),
-        "m_sharpness": interactive.m_sharpness(curves),
-        "training_curves": interactive.training_curves(by_label(metrics)),
-    }
-    if table is not None:
-        static["kendall_vs_m"] = figures.kendall_vs_m(table)
-        dynamic["kendall_vs_m"] = interactive.kendall_vs_m(table)
-    if noise_rows is not None:
-        static["label_noise"] = figures.label_noise(noise_rows)
-        dynamic["label_noise"] = interactive.label_noise(noise_rows)
+    def draw(module: Any) -> dict[str, Any]:
+        """Every figure from ``module``: :mod:`landscape.plot.figures` and :mod:`.interactive` share names."""
+        drawn = {
+            "surface_3d": module.surface_3d(surfaces, zmax=config.zmax),
+            "surface_contours": module.surface_contours(surfaces, zmax=config.zmax),
+            "slices_1d": module.slices_1d(slices),
+            "interpolation": module.interpolation(path_train, path_test, labels=labels),
+            "hessian": module.hessian_spectrum(by_label(hessians)),
+            "m_sharpness": module.m_sharpness(curves),
+            "training_curves": module.training_curves(by_label(metrics)),
+        }
+        if table is not None:
+            drawn["kendall_vs_m"] = module.kendall_vs_m(table)
+        if noise_rows is not None:
+            drawn["label_noise"] = module.label_noise(noise_rows)
+        return drawn
+
+    static, dynamic = draw(figures), draw(interactive)
     written = {name: figures.save_figure(fig, out / name) for name, fig in static.items()}
 
     a, b = labels

@@ -9,7 +9,6 @@ never pass silently.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
