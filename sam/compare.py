@@ -29,7 +29,7 @@ from landscape import surface
 from landscape.plot import figures, interactive
 from landscape.plot.report import Section, write_report
 
-from .trainer import TrainConfig, load_run, train
+from .trainer import TrainConfig, checkpoint_sha256, train
 
 __all__ = ["CompareConfig", "CompareResult", "compare", "demo", "load_hessian", "load_metrics", "load_noise_table",
            "summary_rows"]
@@ -177,7 +177,10 @@ def compare(
     # inputs that are only read at the end are checked before hours of analyses
     table = json.loads((Path(study_dir) / "study.json").read_text())["kendall"] if study_dir is not None else None
     noise_rows = load_noise_table(noise_study) if noise_study is not None else None
-    checkpoints = {run: load_run(run, device="cpu").checkpoint_sha256 for run in runs}
+    for run in runs:
+        if not (run / "model.pt").exists():
+            raise FileNotFoundError(f"{run / 'model.pt'} not found: {run} holds no finished epoch yet")
+    checkpoints = {run: checkpoint_sha256(run / "model.pt") for run in runs}  # without loading model and data
     quiet = [] if progress else ["--no-progress"]
     common = ["--seed", str(config.seed), "--device", config.device, *quiet]
     span = [str(-config.span), str(config.span)]

@@ -53,6 +53,7 @@ __all__ = [
     "load_run_config",
     "LoadedRun",
     "load_run",
+    "checkpoint_sha256",
 ]
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -549,8 +550,12 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedR
                         batchnorm=config.batchnorm, skip=config.skip)
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     model.to(torch.device(device)).eval()
-    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    return LoadedRun(model, config, train_split, test_split, run_dir, checkpoint, digest)
+    return LoadedRun(model, config, train_split, test_split, run_dir, checkpoint, checkpoint_sha256(checkpoint))
+
+
+def checkpoint_sha256(checkpoint: str | Path) -> str:
+    """The SHA-256 of a weights file: what analyses record to tie their results to a checkpoint."""
+    return hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
 
 
 def _one_of(name: str, value: Any, accepted: Any) -> None:
