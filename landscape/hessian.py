@@ -126,9 +126,16 @@ def hessian_operator(
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     hvp_method: str = "auto",
+    distributed: bool = False,
 ) -> HessianOperator:
-    """The Hessian of ``L`` at the model's weights as a :class:`~landscape.linop.LinearOperator`."""
-    objective = Objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method=hvp_method)
+    """The Hessian of ``L`` at the model's weights as a :class:`~landscape.linop.LinearOperator`.
+
+    ``distributed=True`` (under ``torchrun``): ``data`` is this process's shard and each product is
+    summed over the processes with one ``all_reduce`` (:class:`~landscape.objective.Objective`); the
+    functions below take the same flag and return the same result on every process.
+    """
+    objective = Objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size,
+                          hvp_method=hvp_method, distributed=distributed)
     return objective.hessian_operator()
 
 
@@ -146,6 +153,7 @@ def top_eigenvalues(
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     hvp_method: str = "auto",
+    distributed: bool = False,
     ncv: int | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -166,7 +174,8 @@ def top_eigenvalues(
         max_matvecs: budget of Hessian-vector products; when it runs out the result has
             ``converged=False``.
         method: ``"lanczos"``, ``"arpack"`` or ``"power"``.
-        dtype, device, batch_size, hvp_method: passed to :class:`~landscape.objective.Objective`.
+        dtype, device, batch_size, hvp_method, distributed: passed to
+            :class:`~landscape.objective.Objective` (``distributed``: ``data`` is this process's shard).
         ncv: Lanczos basis size before a thick restart.
         seed: seed of the start vector.
         progress: show a progress bar.
@@ -180,7 +189,10 @@ def top_eigenvalues(
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if method == "power" and which != "LM":
         raise ValueError("power iteration finds largest-magnitude eigenvalues: use which='LM' with method='power'")
-    op = operator or hessian_operator(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method=hvp_method)
+    op = operator or hessian_operator(
+        model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method=hvp_method,
+        distributed=distributed,
+    )
     return _eigenpairs(op, k, which, tol, max_matvecs, method, ncv, seed, progress)
 
 
@@ -223,6 +235,7 @@ def hessian_trace(
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     hvp_method: str = "auto",
+    distributed: bool = False,
     seed: int = 0,
     progress: bool = True,
     operator: HessianOperator | None = None,
@@ -235,7 +248,10 @@ def hessian_trace(
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"unknown trace method {method!r}; choose one of {TRACE_METHODS}")
-    op = operator or hessian_operator(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method=hvp_method)
+    op = operator or hessian_operator(
+        model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method=hvp_method,
+        distributed=distributed,
+    )
     return _trace(op, method, n_matvecs, seed, progress)
 
 
@@ -258,6 +274,7 @@ def spectral_density(
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     hvp_method: str = "auto",
+    distributed: bool = False,
     seed: int = 0,
     progress: bool = True,
     operator: HessianOperator | None = None,
@@ -270,7 +287,10 @@ def spectral_density(
     ``sigma^2 = 1e-5 (lambda_max - lambda_min)`` by default. Returns grid and density (plot it on a
     log scale, as in Foret et al. 2021, Fig. 3 left).
     """
-    op = operator or hessian_operator(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method=hvp_method)
+    op = operator or hessian_operator(
+        model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method=hvp_method,
+        distributed=distributed,
+    )
     return density_from_operator(
         op, n_runs=n_runs, n_steps=n_steps, seed=seed, sigma_squared=sigma_squared, grid=grid, progress=progress
     )
@@ -288,6 +308,7 @@ def summary(
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     hvp_method: str = "auto",
+    distributed: bool = False,
     seed: int = 0,
     progress: bool = True,
     operator: HessianOperator | None = None,
@@ -295,7 +316,10 @@ def summary(
     """``lambda_max``, ``lambda_max / lambda_5`` and the trace (Hutch++) of the Hessian at ``w``."""
     if k < 5:
         raise ValueError(f"summary reports lambda_max / lambda_5 and needs k >= 5; got k={k}")
-    op = operator or hessian_operator(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method=hvp_method)
+    op = operator or hessian_operator(
+        model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method=hvp_method,
+        distributed=distributed,
+    )
     start = op.n_matvecs
     eig = _eigenpairs(op, k, "LA", tol, None, "lanczos", None, seed, progress)
     trace = _trace(op, "hutch++", trace_matvecs, seed, progress)

@@ -13,6 +13,11 @@ train/eval flags are restored after each call and its buffers are copied.
 A determinism check (two evaluations of the first batch must agree, the buffers must not change, and a
 DataLoader must yield the same data twice) raises :class:`NondeterministicObjective` naming the cause:
 train-mode BatchNorm, dropout, shuffling or augmentation.
+
+Data-parallel over processes (``distributed=True`` under ``torchrun``): each process holds a shard of
+the data (e.g. its :func:`sam.distributed.shard`), the weights ``n_b / N`` use the global ``N``, and every
+quantity is the process's partial sum reduced with one ``all_reduce``: one Hessian-vector product is one
+collective, and every process gets the same result (so Lanczos runs in lockstep on all of them).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
+
+from sam import distributed as _distributed
 
 from .linop import LinearOperator
 
@@ -146,6 +153,10 @@ class Objective:
             backward pass per product, memory growing with the dataset) or ``"auto"``: ``"graph"`` when
             the data are one batch, else whichever of the first two is faster on the first batch.
         check: run the determinism check at construction.
+        distributed: ``data`` is this process's shard of the dataset; losses, gradients and
+            Hessian-vector products are summed over the processes of the default group (one
+            ``all_reduce`` each). Every process must construct the objective and call the same methods
+            in the same order.
     """
 
     def __init__(
@@ -160,6 +171,7 @@ class Objective:
         train_mode: bool = False,
         hvp_method: str = "auto",
         check: bool = True,
+        distributed: bool = False,
     ) -> None:
         if hvp_method not in HVP_METHODS:
             raise ValueError(f"unknown hvp_method {hvp_method!r}; choose one of {HVP_METHODS}")
@@ -182,15 +194,25 @@ class Objective:
             for name, b in model.named_buffers()
         }
         self.layout = ParamLayout.of(self.params)
+        self.distributed = bool(distributed) and _distributed.active()
         self.batches = as_batches(data, device=self.device, dtype=self.dtype, batch_size=batch_size)
-        self.n_examples = sum(int(x.shape[0]) for x, _ in self.batches)
+        self.n_local = sum(int(x.shape[0]) for x, _ in self.batches)
+        count = torch.tensor([self.n_local], dtype=torch.float64, device=self.device)
+        self._reduce([count])
+        self.n_examples = int(count.item())
         self._data_source = data
         self._graph: tuple[Params, Params, list[Tensor]] | None = None  # (params, leaves, weighted gradient)
         if check:
             self.check_determinism()
         if hvp_method == "auto":
             hvp_method = "graph" if len(self.batches) == 1 else self._choose_hvp_method()
-        self.hvp_method = hvp_method
+        # Rank 0's choice for everyone: the processes must take the same products, in lockstep.
+        self.hvp_method = _distributed.broadcast_object(hvp_method) if self.distributed else hvp_method
+
+    def _reduce(self, tensors: list[Tensor]) -> None:
+        """Sum per-process partial results over the processes, in place, in one collective."""
+        if self.distributed:
+            _distributed.all_reduce_sum_(tensors)
 
     # -- pure pieces over a parameter dict ----------------------------------------------------------
 
@@ -214,6 +236,7 @@ class Objective:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for weight, x, y in self._weights():
             total += weight * self.batch_loss(params, x, y).double()
+        self._reduce([total])
         return total
 
     @torch.no_grad()
@@ -221,14 +244,14 @@ class Objective:
         """``(L(w), accuracy)``; accuracy counts ``argmax(output) == y`` (classification). ``buffers``
         replaces the objective's buffers for this evaluation (e.g. interpolated BatchNorm statistics)."""
         params = self.params if params is None else params
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss, number correct]
         for weight, x, y in self._weights():
             out = self.forward(params, x, buffers)
-            total += weight * self.loss_fn(out, y).double()
+            sums[0] += weight * self.loss_fn(out, y).double()
             if out.ndim == 2 and not y.is_floating_point():
-                correct += (out.argmax(dim=1) == y).sum()
-        return float(total), int(correct) / self.n_examples
+                sums[1] += (out.argmax(dim=1) == y).sum()
+        self._reduce([sums])
+        return float(sums[0]), float(sums[1]) / self.n_examples
 
     def gradient(self, params: Params | None = None) -> Params:
         """``grad L(w)`` as a parameter dict, accumulated over the whole dataset."""
@@ -238,6 +261,7 @@ class Objective:
         for weight, x, y in self._weights():
             g = batch_grad(params, x, y)
             torch._foreach_add_(list(total.values()), [g[k] for k in total], alpha=weight)
+        self._reduce(list(total.values()))
         return total
 
     def hvp(self, v: Params, params: Params | None = None, method: str | None = None) -> Params:
@@ -251,6 +275,7 @@ class Objective:
         for weight, x, y in self._weights():
             hv = batch_hvp(self.batch_loss, params, v, x, y)
             torch._foreach_add_(list(total.values()), [hv[k] for k in total], alpha=weight)
+        self._reduce(list(total.values()))
         return total
 
     def _graph_hvp(self, v: Params, params: Params) -> Params:
@@ -269,8 +294,9 @@ class Objective:
             self._graph = (params, leaves, total)
         _, leaves, gradient = self._graph
         with torch.enable_grad():
-            products = torch.autograd.grad(gradient, list(leaves.values()), grad_outputs=[v[k] for k in leaves],
-                                           retain_graph=True)
+            products = list(torch.autograd.grad(gradient, list(leaves.values()), grad_outputs=[v[k] for k in leaves],
+                                                retain_graph=True))
+        self._reduce(products)
         return dict(zip(leaves, products))
 
     def hessian_operator(self, params: Params | None = None) -> HessianOperator:

@@ -14,6 +14,11 @@ data batch serves ``Q`` points. ``batched=False`` evaluates one point at a time 
 
 With ``path=``, the grid is saved (``.npz`` + ``.json``, atomically) after every pass and a later call
 with the same recipe resumes where it stopped; a different recipe in an existing file is an error.
+
+With ``distributed=True`` (every process of a ``torchrun`` job makes the same call) the grid points are
+split across the processes: each round hands every process its own block of points, evaluated on the
+whole dataset, and gathers the values; rank 0 alone reads and writes the resumable file, and every
+process returns the whole surface.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sam import distributed as _distributed
 from sam._io import atomic_write, atomic_write_json
 
 from .directions import difference, random_direction, random_plane
@@ -170,7 +176,9 @@ def _compute_surface(
     autocast_dtype: torch.dtype | None,
     progress: bool,
     buffer_directions: list[Params] | None = None,
+    distributed: bool = False,
 ) -> SurfaceResult:
+    distributed = distributed and _distributed.active()
     shape = tuple(len(c) for c in coords)
     points = grid_points(coords)
     loss = np.full(points.shape[0], np.nan)
@@ -182,20 +190,19 @@ def _compute_surface(
     if path is not None:
         npz_path = Path(path).with_suffix(".npz")
         json_path = npz_path.with_suffix(".json")
-        if npz_path.exists() != json_path.exists():
-            present = npz_path if npz_path.exists() else json_path
-            raise FileExistsError(f"{present} exists without its pair; move it away (it is not overwritten)")
-        if npz_path.exists() and json_path.exists():
-            saved = json.loads(json_path.read_text())
-            if saved.get("recipe") != recipe:
-                differing = sorted(k for k in set(saved.get("recipe", {})) | set(recipe)
-                                   if saved.get("recipe", {}).get(k) != recipe.get(k))
-                raise ValueError(
-                    f"{npz_path} holds a surface with a different recipe (differs in {differing}); "
-                    "choose another path, or delete the file to start again"
-                )
-            with np.load(npz_path) as stored:
-                loss, accuracy = stored["loss"].ravel().copy(), stored["accuracy"].ravel().copy()
+    writer = not distributed or _distributed.is_main()
+    stored, problem = None, None
+    if npz_path is not None and writer:
+        try:
+            stored = _read_saved(npz_path, json_path, recipe)
+        except (FileExistsError, ValueError) as error:
+            problem = error
+    if distributed:  # rank 0 read the file: everyone learns its content, or its problem
+        stored, problem = _distributed.broadcast_object((stored, problem))
+    if problem is not None:
+        raise problem
+    if stored is not None:
+        loss, accuracy = stored
     todo = np.flatnonzero(np.isnan(loss))
     if not batched:
         q = 1
@@ -203,17 +210,73 @@ def _compute_surface(
         q = max(1, int(points_per_pass))
     else:
         q = _auto_points_per_pass(objective, directions, autocast_dtype)
-    bar = tqdm(total=points.shape[0], initial=points.shape[0] - todo.size, desc="surface", unit="pt", disable=not progress)
-    for start in range(0, todo.size, q):
-        index = todo[start : start + q]
-        values, accs = evaluate_points(objective, directions, points[index], batched=batched,
-                                       autocast_dtype=autocast_dtype, buffer_directions=buffer_directions)
+        if distributed:  # the same rounds on every process
+            q = _distributed.broadcast_object(q)
+    replicas = _distributed.world_size() if distributed else 1
+    bar = tqdm(total=points.shape[0], initial=points.shape[0] - todo.size, desc="surface", unit="pt",
+               disable=not progress or not writer)
+    for start in range(0, todo.size, q * replicas):
+        index = todo[start : start + q * replicas]
+        if distributed:
+            values, accs = _evaluate_shared(objective, directions, points[index], batched, autocast_dtype,
+                                            buffer_directions)
+        else:
+            values, accs = evaluate_points(objective, directions, points[index], batched=batched,
+                                           autocast_dtype=autocast_dtype, buffer_directions=buffer_directions)
         loss[index], accuracy[index] = values, accs
-        if npz_path is not None:
+        if npz_path is not None and writer:
             _save(npz_path, json_path, loss.reshape(shape), accuracy.reshape(shape), coords, recipe)
         bar.update(index.size)
     bar.close()
     return SurfaceResult([np.asarray(c) for c in coords], loss.reshape(shape), accuracy.reshape(shape), {"recipe": recipe})
+
+
+def _read_saved(npz_path: Path, json_path: Path, recipe: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The flat loss and accuracy saved at ``npz_path`` under the same recipe; ``None`` if nothing is saved.
+
+    Raises:
+        FileExistsError: only one of the pair exists.
+        ValueError: the saved recipe differs (naming the keys).
+    """
+    if npz_path.exists() != json_path.exists():
+        present = npz_path if npz_path.exists() else json_path
+        raise FileExistsError(f"{present} exists without its pair; move it away (it is not overwritten)")
+    if not npz_path.exists():
+        return None
+    saved = json.loads(json_path.read_text())
+    if saved.get("recipe") != recipe:
+        differing = sorted(k for k in set(saved.get("recipe", {})) | set(recipe)
+                           if saved.get("recipe", {}).get(k) != recipe.get(k))
+        raise ValueError(
+            f"{npz_path} holds a surface with a different recipe (differs in {differing}); "
+            "choose another path, or delete the file to start again"
+        )
+    with np.load(npz_path) as stored:
+        return stored["loss"].ravel().copy(), stored["accuracy"].ravel().copy()
+
+
+def _evaluate_shared(
+    objective: Objective, directions: list[Params], points: np.ndarray, batched: bool,
+    autocast_dtype: torch.dtype | None, buffer_directions: list[Params] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loss and accuracy at ``points``, each process evaluating its contiguous share, gathered everywhere.
+
+    The shares differ in size by at most one; each is padded to the largest for ``all_gather``.
+    """
+    replicas = _distributed.world_size()
+    mine = _distributed.shard(points.shape[0])
+    width = -(-points.shape[0] // replicas)
+    block = torch.full((width, 2), float("nan"), dtype=torch.float64, device=objective.device)
+    if mine.stop > mine.start:
+        values, accs = evaluate_points(objective, directions, points[mine], batched=batched,
+                                       autocast_dtype=autocast_dtype, buffer_directions=buffer_directions)
+        block[: mine.stop - mine.start] = torch.as_tensor(np.stack([values, accs], axis=1), device=objective.device)
+    gathered = [torch.empty_like(block) for _ in range(replicas)]
+    torch.distributed.all_gather(gathered, block)
+    sizes = [len(range(points.shape[0])[_distributed.shard(points.shape[0], r, replicas)]) for r in range(replicas)]
+    parts = [g[:size] for g, size in zip(gathered, sizes)]
+    joined = torch.cat(parts).cpu().numpy()
+    return joined[:, 0], joined[:, 1]
 
 
 def _auto_points_per_pass(objective: Objective, directions: list[Params], autocast_dtype: torch.dtype | None) -> int:
@@ -273,12 +336,14 @@ def slice_1d(
     batch_size: int | None = None,
     model_id: str | None = None,
     progress: bool = True,
+    distributed: bool = False,
 ) -> SurfaceResult:
     """``L(w + alpha d)`` for ``steps`` values of ``alpha`` in ``span`` (Li et al. 2018, Sec. 4).
 
     ``direction`` defaults to a seeded Gaussian direction with filter normalisation and zero on
     biases/BatchNorm parameters (``norm``, ``ignore``: :func:`landscape.directions.normalize_direction`).
-    ``model_id`` (e.g. the checkpoint's SHA-256) is part of the saved recipe.
+    ``model_id`` (e.g. the checkpoint's SHA-256) is part of the saved recipe. ``distributed=True``: every
+    process of a ``torchrun`` job makes this call and evaluates its share of the points (module docstring).
     """
     objective = evaluation_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
     if direction is None:
@@ -290,7 +355,8 @@ def slice_1d(
     recipe["model"] = model_id or _fingerprint([objective.params])
     coords = [np.linspace(span[0], span[1], steps)]
     return _compute_surface(objective, [direction], coords, recipe, path=path, batched=batched,
-                            points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress)
+                            points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress,
+                            distributed=distributed)
 
 
 def slice_2d(
@@ -314,13 +380,15 @@ def slice_2d(
     batch_size: int | None = None,
     model_id: str | None = None,
     progress: bool = True,
+    distributed: bool = False,
 ) -> SurfaceResult:
     """``L(w + alpha d1 + beta d2)`` on a ``steps[0] x steps[1]`` grid (Li et al. 2018, Sec. 4 and 6).
 
     ``directions`` default to two seeded filter-normalised Gaussian directions
     (:func:`landscape.directions.random_plane`); the SGD and SAM minima get the same recipe when called
     with the same ``seed``, ``norm`` and ``ignore``. ``result.loss[i, j]`` is at
-    ``(coords[0][i], coords[1][j])``.
+    ``(coords[0][i], coords[1][j])``. ``distributed=True``: the points are split across the processes of
+    a ``torchrun`` job, every one of which makes this call (module docstring).
     """
     objective = evaluation_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
     if directions is None:
@@ -332,7 +400,8 @@ def slice_2d(
     recipe["model"] = model_id or _fingerprint([objective.params])
     coords = [np.linspace(span[0][0], span[0][1], steps[0]), np.linspace(span[1][0], span[1][1], steps[1])]
     return _compute_surface(objective, list(directions), coords, recipe, path=path, batched=batched,
-                            points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress)
+                            points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress,
+                            distributed=distributed)
 
 
 def interpolate(
@@ -352,6 +421,7 @@ def interpolate(
     batch_size: int | None = None,
     progress: bool = True,
     buffers: str = "interpolate",
+    distributed: bool = False,
 ) -> SurfaceResult:
     """``L(w_a + t (w_b - w_a))`` for ``t`` in ``span`` (Goodfellow et al. 2015; Li et al. 2018, Sec. 3).
 
@@ -360,7 +430,7 @@ def interpolate(
     stay at the nearer model's: extrapolated running variances could turn negative), so ``t = 0`` and
     ``t = 1`` are the two models (up to rounding of ``w_a + (w_b - w_a)``);
     ``"a"`` keeps ``model_a``'s buffers at every ``t`` (then with BatchNorm ``t = 1`` is ``model_b``'s
-    weights with ``model_a``'s statistics).
+    weights with ``model_a``'s statistics). ``distributed=True``: as in :func:`slice_2d`.
     """
     if buffers not in ("interpolate", "a"):
         raise ValueError(f"buffers must be 'interpolate' or 'a'; got {buffers!r}")
@@ -384,7 +454,7 @@ def interpolate(
     coords = [np.linspace(span[0], span[1], steps)]
     return _compute_surface(objective, [direction], coords, recipe, path=path, batched=batched,
                             points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress,
-                            buffer_directions=buffer_directions)
+                            buffer_directions=buffer_directions, distributed=distributed)
 
 
 def load(path: str | Path) -> SurfaceResult:

@@ -3,6 +3,13 @@
 Every ``train`` flag maps onto a :class:`sam.trainer.TrainConfig` field; the resolved config is saved
 as ``config.json`` in the run directory. Errors in the input (a bad flag, an unknown model, a missing
 dataset directory, a run directory that already holds a run) print one line and exit with code 2.
+
+``train``, ``hessian`` and ``surface`` also run under ``torchrun --nproc_per_node N -m sam.cli ...``:
+DDP training, Hessian products summed over data shards, surface points split across the processes;
+rank 0 alone prints and writes (:mod:`sam.distributed`).
+
+``train --preset NAME`` starts from one of the paper's runs (:mod:`sam.presets`; ``presets`` lists them),
+explicit flags overriding its values; ``noise-study`` is :func:`sam.noise_study.run_noise_study`.
 """
 
 from __future__ import annotations
@@ -17,9 +24,12 @@ from typing import Any, NoReturn
 
 from landscape.sharpness import MEASURES, MeasureSettings
 
+from . import distributed
 from .data import DATASET_NAMES
 from .models import available_models
+from .noise_study import STUDY_FIELDS, NoiseStudyConfig, default_recipe
 from .optim import BASE_OPTIMIZERS, available_optimizers
+from .presets import PRESETS, preset_config
 from .study import StudyConfig
 from .trainer import AMP_MODES, SCHEDULES, TrainConfig, TrainingDiverged, train
 
@@ -27,6 +37,8 @@ __all__ = ["main", "build_parser"]
 
 PROG = "sam-landscape"
 EXIT_USAGE = 2
+
+DISTRIBUTED_COMMANDS = ("train", "hessian", "surface")  # the subcommands that run under torchrun
 
 _TRAIN_HELP: dict[str, str] = {
     "dataset": "dataset to train on; digits is scikit-learn's bundled 8x8 handwritten digits (no download)",
@@ -52,6 +64,8 @@ _TRAIN_HELP: dict[str, str] = {
     "rho_min": "GSAM: rho at the smallest lr (rho follows the lr schedule); default keeps rho constant",
     "ascent_steps": "multistep_sam: number of ascent steps",
     "sam_every": "every_k_sam: do a SAM step every k steps (plain steps between)",
+    "sync_perturbation": "under torchrun/DDP: average pass 1's gradient so every replica takes one "
+    "perturbation from the global batch (default: each replica perturbs with its own share, m = per-replica batch)",
     "epochs": "number of training epochs",
     "batch_size": "mini-batch size",
     "schedule": "learning-rate schedule, stepped every iteration",
@@ -94,16 +108,43 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainConfig()
+class _Explicit:
+    """Mixin for argparse actions: adds the flag's ``dest`` to ``namespace.explicit`` when it is given.
+
+    A preset's values are overridden only by flags the user typed, also when a typed value equals the
+    flag's default (``--preset c10-wrn28-10-sam --epochs 30`` trains 30 epochs, not 200).
+    """
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        super().__call__(parser, namespace, values, option_string)  # type: ignore[misc]
+        namespace.explicit = frozenset({*getattr(namespace, "explicit", ()), self.dest})
+
+
+class _StoreExplicit(_Explicit, argparse._StoreAction):
+    pass
+
+
+class _BooleanExplicit(_Explicit, argparse.BooleanOptionalAction):
+    pass
+
+
+def _add_train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | None = None,
+                     exclude: Sequence[str] = ()) -> None:
+    """One flag per :class:`TrainConfig` field (but ``exclude``), with ``defaults``' values as defaults."""
+    defaults = TrainConfig() if defaults is None else defaults
+    parser.set_defaults(explicit=frozenset())
     for f in dataclasses.fields(TrainConfig):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        kwargs: dict[str, Any] = {"dest": f.name, "help": _TRAIN_HELP[f.name], "default": default}
+        kwargs: dict[str, Any] = {"dest": f.name, "help": _TRAIN_HELP[f.name], "default": default,
+                                  "action": _StoreExplicit}
         if f.name in _CHOICES:
             kwargs.update(choices=list(_CHOICES[f.name]), metavar="{" + ",".join(_CHOICES[f.name]) + "}")
         if isinstance(default, bool) or f.name == "augment":
-            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["action"] = _BooleanExplicit
         elif isinstance(default, list):
             kwargs.update(type=float, nargs="+")
         elif f.name == "data_root":
@@ -113,6 +154,20 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         elif isinstance(default, int):
             kwargs["type"] = int
         parser.add_argument(flag, **kwargs)
+
+
+def _resolve_train_config(args: argparse.Namespace, defaults: TrainConfig | None = None) -> TrainConfig:
+    """The TrainConfig of the parsed flags: ``--preset``'s values overridden by the flags given explicitly, or
+    every flag's value (its default where not given)."""
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    if getattr(args, "preset", None) is not None:
+        return preset_config(args.preset, **{k: getattr(args, k) for k in fields if k in args.explicit})
+    values = {k: getattr(args, k) for k in fields if hasattr(args, k)}
+    if values.get("dataset", "digits") != "digits" and values.get("data_root") is None and not values.get("download"):
+        folder = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/"}.get(values["dataset"], "the files")
+        raise ValueError(f"--dataset {values['dataset']} is read from files: pass --data-root DIR (the directory "
+                         f"holding {folder}) or --download to fetch it there")
+    return dataclasses.replace(TrainConfig() if defaults is None else defaults, **values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--out", type=Path, required=True, help="run directory to write (must be new unless --resume)")
     train_parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (start it if there is none)")
     train_parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    train_parser.add_argument("--preset", choices=list(PRESETS), default=None, metavar="NAME",
+                              help="start from a paper preset (sam-landscape presets lists them); every flag given "
+                              "explicitly overrides the preset's value")
     _add_train_flags(train_parser)
     train_parser.set_defaults(handler=_run_train)
 
@@ -238,6 +296,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_measure_flags(study_parser, study_defaults.measures)
     study_parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     study_parser.set_defaults(handler=_run_study)
+
+    presets_parser = sub.add_parser(
+        "presets",
+        help="list the paper presets of train --preset: what each reproduces and the paper's number",
+        description="The paper's runs as presets of sam-landscape train --preset NAME (Foret et al. 2021): the "
+        "WRN-28-10 CIFAR-10/100 comparison, ResNet-32 under label noise, WRN-40-10 without BatchNorm for the "
+        "Hessian, and the digits stand-ins. With NAME, print that preset's resolved TrainConfig as JSON.",
+        formatter_class=_HelpFormatter,
+    )
+    presets_parser.add_argument("name", nargs="?", default=None, metavar="NAME",
+                                help="a preset: print its paper numbers and full resolved config as JSON")
+    presets_parser.set_defaults(handler=_run_presets)
+
+    noise_defaults = NoiseStudyConfig()
+    noise_parser = sub.add_parser(
+        "noise-study",
+        help="robustness to label noise: clean test accuracy of each optimizer at each noise rate (table + figure)",
+        description="Train each optimizer at each symmetric label-noise rate (a fraction of the training labels "
+        "flipped to another class, seeded; test labels clean) for each seed, then write noise_study.json/.csv "
+        "(mean and spread over seeds of the clean test accuracy), noise_runs.csv and the figure label_noise "
+        ".png/.pdf/.html into --out (Foret et al. 2021, Sec. 3.3). Runs live in OUT/runs/NAME; rerunning resumes: "
+        "finished runs are not retrained, an interrupted one continues from its last epoch. The recipe of every run "
+        "is the flags below (default: the digits CNN, 20 epochs, batch 128, lr 0.1; with 3 seeds about 5 minutes on a "
+        "2-core CPU) or --preset's, with the optimizer, rho, noise rate and seed set per run.",
+        formatter_class=_HelpFormatter,
+    )
+    noise_parser.add_argument("--out", type=Path, default=Path("runs/noise-study"), help="study directory")
+    noise_parser.add_argument("--rates", type=float, nargs="+", default=noise_defaults.rates,
+                              help="fractions of training labels flipped")
+    noise_parser.add_argument("--optimizers", nargs="+", choices=available_optimizers(), default=noise_defaults.optimizers,
+                              metavar="NAME", help=f"optimizers to compare ({', '.join(available_optimizers())})")
+    noise_parser.add_argument("--seeds", type=int, nargs="+", default=noise_defaults.seeds,
+                              help="seeds of every (optimizer, rate): initialisation, batch order and which labels flip")
+    noise_parser.add_argument("--rhos", nargs="+", default=[f"{k}={v:g}" for k, v in noise_defaults.rhos.items()],
+                              metavar="NAME=RHO", help="rho per SAM variant (others use their own default); the paper "
+                              "uses 0.1 for SAM under label noise")
+    noise_parser.add_argument("--preset", choices=list(PRESETS), default=None, metavar="NAME",
+                              help="take the recipe from a paper preset (e.g. c10-resnet32-noise20-sgd); flags given "
+                              "explicitly override it")
+    noise_parser.add_argument("--threads", type=int, default=1,
+                              help="CPU threads of torch (torch.set_num_threads; 0 keeps torch's default). One is as fast "
+                              "for the digits CNN, and many times faster when other jobs share the CPU")
+    noise_parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    _add_train_flags(noise_parser, defaults=noise_defaults.recipe, exclude=STUDY_FIELDS)
+    noise_parser.set_defaults(handler=_run_noise_study)
 
     compare_parser = sub.add_parser(
         "compare",
@@ -352,15 +455,78 @@ def _add_analysis_flags(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    result = train(config, args.out, resume=args.resume, progress=args.progress)
+    config = _resolve_train_config(args)
+    on_epoch_end = None
+    if args.preset is not None:
+        from ._io import atomic_write_json
+
+        fields = [f.name for f in dataclasses.fields(TrainConfig)]
+        provenance = {"preset": args.preset, "overrides": {k: getattr(args, k) for k in fields if k in args.explicit},
+                      "reference": PRESETS[args.preset].reference, "paper": dict(PRESETS[args.preset].paper)}
+
+        def save_provenance(epoch: int, metrics: dict[str, Any]) -> None:  # once train() has accepted the directory
+            if distributed.is_main():  # under torchrun, rank 0 alone writes
+                atomic_write_json(Path(args.out) / "preset.json", provenance)
+
+        on_epoch_end = save_provenance
+
+    result = train(config, args.out, resume=args.resume, progress=args.progress, on_epoch_end=on_epoch_end)
+    if on_epoch_end is not None:
+        on_epoch_end(config.epochs, result.final)
     final = result.final
+    if not distributed.is_main():
+        return 0
     print(
         f"{config.optimizer} on {config.dataset}/{config.model}: "
         f"train acc {final['train_acc']:.4f}, test acc {final['test_acc']:.4f}, "
         f"test loss {final['test_loss']:.4f}; run saved in {result.out_dir}"
     )
+    return 0
+
+
+def _run_presets(args: argparse.Namespace) -> int:
+    from .presets import format_paper, format_presets
+
+    if args.name is None:
+        print(format_presets())
+        print("\ntrain one with: sam-landscape train --preset NAME --out DIR [--data-root DIR] [--any-flag VALUE]")
+        return 0
+    if args.name not in PRESETS:
+        raise ValueError(f"unknown preset {args.name!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[args.name]
+    values = {**dataclasses.asdict(TrainConfig()), **preset.config}  # what preset_config resolves to
+    print(json.dumps({"preset": args.name, "description": preset.description, "reference": preset.reference,
+                      "paper": dict(preset.paper), "paper_text": format_paper(preset.paper), "config": values}, indent=2))
+    return 0
+
+
+def _run_noise_study(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .noise_study import format_noise_table, run_noise_study
+
+    rhos = {}
+    for item in args.rhos:
+        name, _, value = item.partition("=")
+        try:
+            rhos[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--rhos takes NAME=RHO (e.g. sam=0.1 asam=1.0); got {item!r}") from None
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's default); got {args.threads}")
+    recipe = _resolve_train_config(args, default_recipe())
+    config = NoiseStudyConfig(rates=args.rates, optimizers=args.optimizers, seeds=args.seeds, rhos=rhos, recipe=recipe)
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(args.threads or threads)
+        result = run_noise_study(config, args.out, progress=args.progress)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside a longer process (tests, notebooks)
+    print(format_noise_table(result.table))
+    print(f"{time.perf_counter() - start:.0f} s; wrote {', '.join(str(p) for p in result.files)}")
     return 0
 
 
@@ -389,15 +555,21 @@ def _run_hessian(args: argparse.Namespace) -> int:
     split = run.train if args.split == "train" else run.test
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     start = time.perf_counter()
-    objective = Objective(run.model, F.cross_entropy, (split.x, split.y), device=device, dtype=dtype, batch_size=args.batch_size)
+    # Under torchrun each process holds a contiguous shard; one product is one all_reduce over them.
+    mine = distributed.shard(len(split))
+    data = (split.x[mine], split.y[mine])
+    args.progress = args.progress and distributed.is_main()
+    objective = Objective(run.model, F.cross_entropy, data, device=device, dtype=dtype, batch_size=args.batch_size,
+                          distributed=True)
     op = objective.hessian_operator()
-    problem = (run.model, F.cross_entropy, (split.x, split.y))
+    problem = (run.model, F.cross_entropy, data)
     eig = hessian.top_eigenvalues(*problem, k=args.k, which=args.which, tol=args.tol, max_matvecs=args.max_matvecs,
                                   method=args.method, seed=args.seed, progress=args.progress, operator=op)
     scalars = {
         "checkpoint": str(run.checkpoint), "checkpoint_sha256": run.checkpoint_sha256, "split": args.split,
         "n_examples": objective.n_examples, "n_parameters": op.shape[0], "dtype": args.dtype, "device": str(device),
         "hvp_method": objective.hvp_method, "seed": args.seed, "eigen": eig.to_dict(),
+        "processes": distributed.world_size(),
     }
     values = eig.eigenvalues.tolist()
     scalars["lambda_max"] = values[0]
@@ -417,6 +589,8 @@ def _run_hessian(args: argparse.Namespace) -> int:
                       density_nodes=np.asarray(density.nodes, dtype=np.float64), density_weights=np.asarray(density.weights, dtype=np.float64))
     scalars["total_matvecs"] = op.n_matvecs
     scalars["seconds"] = time.perf_counter() - start
+    if not distributed.is_main():
+        return 0
     json_path, npz_path = save_results(out, "hessian", scalars, arrays, overwrite=args.overwrite)
     line = f"lambda_max {values[0]:.6g}"
     if "lambda_max_over_lambda_5" in scalars:
@@ -507,8 +681,11 @@ def _run_surface(args: argparse.Namespace) -> int:
         raise ValueError("use either --compare or --interpolate, not both")
     device = resolve_device(args.device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    main_process = distributed.is_main()
+    args.progress = args.progress and main_process
+    # Under torchrun the grid points are split across the processes and rank 0 writes the file.
     common = dict(points_per_pass=args.points_per_pass, autocast_dtype=torch.bfloat16 if args.bf16 else None,
-                  dtype=dtype, device=device, batch_size=args.batch_size, progress=args.progress)
+                  dtype=dtype, device=device, batch_size=args.batch_size, progress=args.progress, distributed=True)
     runs = [load_run(args.checkpoint, device=device)]
     if args.compare is not None:
         runs.append(load_run(args.compare, device=device))
@@ -522,9 +699,10 @@ def _run_surface(args: argparse.Namespace) -> int:
         if args.out is not None and len(todo) > 1:
             out = args.out / run.run_dir.name
         path = Path(out) / names[0]
-        if args.overwrite:
+        if args.overwrite and main_process:
             for suffix in (".npz", ".json"):
                 path.with_suffix(suffix).unlink(missing_ok=True)
+        distributed.barrier()
         split = run.train if args.split == "train" else run.test
         data = (split.x, split.y)
         given, extra = _surface_directions(args, run, data, dtype, device)
@@ -535,7 +713,7 @@ def _run_surface(args: argparse.Namespace) -> int:
                       surface.slice_2d(run.model, F.cross_entropy, data, tuple(given), steps=(args.steps, args.steps),
                                        span=(tuple(args.span), tuple(args.span)), path=path,
                                        model_id=run.checkpoint_sha256, **common))
-            if extra:
+            if extra and main_process:
                 from sam._io import atomic_write_json
 
                 saved = json.loads(path.with_suffix(".json").read_text())
@@ -552,6 +730,8 @@ def _run_surface(args: argparse.Namespace) -> int:
                                       span=(tuple(args.span), tuple(args.span)), seed=args.seed, norm=args.norm,
                                       ignore=args.ignore, orthogonal=args.orthogonal, path=path,
                                       model_id=run.checkpoint_sha256, **common)
+        if not main_process:
+            continue
         print(f"{run.run_dir}: loss {result.loss.min():.4g} to {result.loss.max():.4g} over "
               f"{result.loss.size} points; wrote {path.with_suffix('.npz')} and {path.with_suffix('.json')}")
     return 0
@@ -568,8 +748,10 @@ def _surface_directions(args: argparse.Namespace, run: Any, data: Any, dtype: An
     from landscape import hessian
 
     if args.directions == "hessian":
-        eig = hessian.top_eigenvalues(run.model, F.cross_entropy, data, k=args.dim, dtype=dtype, device=device,
-                                      batch_size=args.batch_size, progress=args.progress)
+        mine = distributed.shard(len(data[0]))
+        eig = hessian.top_eigenvalues(run.model, F.cross_entropy, (data[0][mine], data[1][mine]), k=args.dim,
+                                      dtype=dtype, device=device, batch_size=args.batch_size, progress=args.progress,
+                                      distributed=True)
         return dirs.eigenvector_directions(eig.eigenvectors), {"eigenvalues": eig.eigenvalues.tolist()}
     snapshots = sorted((run.run_dir / "snapshots").glob("epoch_*.pt"))
     if len(snapshots) < args.dim + 1:
@@ -592,7 +774,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sam-landscape`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    joined = False
     try:
+        if distributed.launched_by_torchrun():
+            if args.command not in DISTRIBUTED_COMMANDS:
+                raise ValueError(f"{args.command} runs as one process; launch it without torchrun "
+                                 f"(under torchrun: {', '.join(DISTRIBUTED_COMMANDS)})")
+            joined = not distributed.active() and distributed.init_from_env(getattr(args, "device", "auto"))
         return args.handler(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         print(f"{PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
@@ -601,8 +789,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {args.command}: {_one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted; resume with --resume", file=sys.stderr)
+        how = "rerun the same command to resume" if args.command in ("study", "noise-study") else "resume with --resume"
+        print(f"{PROG} {args.command}: interrupted; {how}", file=sys.stderr)
         return 130
+    finally:
+        if joined:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
 
 
 def _one_line(error: BaseException) -> str:

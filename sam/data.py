@@ -551,11 +551,18 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int = 4)
             f"generator is on {generator.device} but the batch is on {x.device}; "
             "use torch.Generator(device=x.device)"
         )
-    n, device = x.shape[0], x.device
+    top, left, flip = _augmentation_draws(x.shape[0], generator, x.device, padding)
+    return _crop_and_flip(x, top, left, flip, padding)
+
+
+def _augmentation_draws(
+    n: int, generator: torch.Generator, device: torch.device, padding: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row offsets, column offsets and flips for ``n`` examples, in :func:`augment_batch`'s order."""
     top = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
     left = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
     flip = torch.randint(0, 2, (n,), generator=generator, device=device).bool()
-    return _crop_and_flip(x, top, left, flip, padding)
+    return top, left, flip
 
 
 def _check_batch(x: torch.Tensor, padding: int) -> None:
@@ -605,6 +612,17 @@ class DeviceLoader:
     Note that CPU and CUDA generators produce different streams, so batches are
     reproducible per device type, not across devices.
 
+    Sharded for DistributedDataParallel (``num_replicas > 1``): ``batch_size`` is
+    the *global* batch. Every rank draws the same permutation (same seed, as
+    ``DistributedSampler`` does) and keeps rank ``r``'s contiguous share of each
+    global batch, so the replicas' shares together are exactly the batch a
+    single process would see, augmentation included (the crops and flips are
+    drawn for the whole global batch and each rank applies its share's). A
+    final global batch that does not split evenly is padded with the epoch's
+    first examples, as ``DistributedSampler`` pads, so that every replica
+    holds the same number of examples and DDP's mean over replicas is the
+    batch mean.
+
     Args:
         split: The data to iterate.
         batch_size: Examples per batch, ``>= 1``.
@@ -614,6 +632,8 @@ class DeviceLoader:
         seed: Non-negative base seed.
         device: Where to hold the data and produce batches; ``None`` keeps the
             split where it is.
+        num_replicas: Number of data-parallel processes sharing each batch.
+        rank: This process's index among them.
     """
 
     def __init__(
@@ -626,9 +646,20 @@ class DeviceLoader:
         drop_last: bool = False,
         seed: int = 0,
         device: torch.device | str | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         if int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if int(num_replicas) != num_replicas or num_replicas < 1:
+            raise ValueError(f"num_replicas must be a positive integer, got {num_replicas!r}")
+        if int(rank) != rank or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be an integer in [0, {num_replicas}), got {rank!r}")
+        if batch_size % num_replicas:
+            raise ValueError(
+                f"the global batch_size {batch_size} must be divisible by the number of processes "
+                f"{num_replicas}, so that every replica holds the same share"
+            )
         if int(seed) != seed or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.split = split.to(device) if device is not None else split
@@ -637,6 +668,8 @@ class DeviceLoader:
         self.augment = bool(augment)
         self.drop_last = bool(drop_last)
         self.seed = int(seed)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
         self._epoch = 0
 
     @property
@@ -681,11 +714,32 @@ class DeviceLoader:
         for batch in range(len(self)):
             start = batch * self.batch_size
             stop = min(start + self.batch_size, n)
-            if order is None:
-                xb, yb = x[start:stop], y[start:stop]
-            else:
-                index = order[start:stop]
+            if self.num_replicas > 1:
+                index = self._share(order, start, stop)
                 xb, yb = x.index_select(0, index), y.index_select(0, index)
-            if self.augment:
-                xb = augment_batch(xb, generator)
+                if self.augment:
+                    _check_batch(xb, 4)
+                    share = slice(index.shape[0] * self.rank, index.shape[0] * (self.rank + 1))
+                    size = index.shape[0] * self.num_replicas
+                    top, left, flip = _augmentation_draws(size, generator, xb.device)
+                    xb = _crop_and_flip(xb, top[share], left[share], flip[share], 4)
+            else:
+                if order is None:
+                    xb, yb = x[start:stop], y[start:stop]
+                else:
+                    index = order[start:stop]
+                    xb, yb = x.index_select(0, index), y.index_select(0, index)
+                if self.augment:
+                    xb = augment_batch(xb, generator)
             yield xb, yb
+
+    def _share(self, order: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+        """This rank's indices in the global batch ``[start, stop)``, padded to a multiple of the replicas."""
+        n = len(self.split)
+        positions = torch.arange(start, stop, device=self.device)
+        short = -(stop - start) % self.num_replicas
+        if short:  # wrap around to the epoch's first examples, as DistributedSampler pads
+            positions = torch.cat([positions, torch.arange(short, device=self.device) % n])
+        per_rank = positions.shape[0] // self.num_replicas
+        mine = positions[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return mine if order is None else order[mine]

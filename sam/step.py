@@ -8,6 +8,16 @@ trainer, the benchmarks and hand-written loops share it:
 * m-SAM repeats both per chunk of ``m`` examples (statistics updated by the first chunk only, as
   DistributedDataParallel keeps rank 0's buffers);
 * restore ``w``, optionally unscale (AMP) and clip the final gradient, step the base optimizer.
+
+Under :class:`~torch.nn.parallel.DistributedDataParallel` (Foret et al. 2021, Sec. 4.1):
+each replica perturbs with the gradient of its own share of the batch, so pass 1 (forward *and*
+backward) runs under ``model.no_sync()`` and the paper's ``m`` is the per-replica batch; only the last
+pass's gradient is averaged, by DDP's own bucketed all-reduce. ``sync_perturbation=True`` lets DDP
+average pass 1 as well, so every replica takes the same ``eps`` from the global batch's gradient (the
+single-process SAM step on the global batch). m-SAM and per-replica GSAM build the final gradient from
+per-replica state after the backward passes (the chunk sum; the combination with the gradient at
+``w``), so there every pass runs under ``no_sync`` and that final gradient is averaged with one
+collective.
 """
 
 from __future__ import annotations
@@ -18,8 +28,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
-from .optim import MSAM, SAM, frozen_running_stats
+from .distributed import average_gradients_
+from .optim import GSAM, MSAM, SAM, frozen_running_stats
 
 __all__ = ["StepResult", "train_step"]
 
@@ -51,6 +63,7 @@ def train_step(
     grad_scaler: torch.amp.GradScaler | None = None,
     autocast_dtype: torch.dtype | None = None,
     max_grad_norm: float | None = None,
+    sync_perturbation: bool = False,
 ) -> StepResult:
     """Run one optimisation step of ``optimizer`` on the batch ``(x, y)``.
 
@@ -62,24 +75,40 @@ def train_step(
         grad_scaler: ``GradScaler`` for fp16 autocast (``None`` for fp32/bf16).
         autocast_dtype: run forward passes under ``torch.autocast`` with this dtype (bf16 or fp16).
         max_grad_norm: clip the final gradient to this L2 norm (the perturbation uses the raw one).
+        sync_perturbation: under DDP, average the first pass's gradient over the replicas, so all take
+            one perturbation (default: each replica perturbs with its own gradient, as in the paper).
+            Ignored without DDP.
 
     Returns:
-        The step's loss, number correct and final gradient norm at ``w``.
+        The step's loss, number correct and final gradient norm at ``w`` (this replica's share of the
+        batch under DDP).
+
+    Raises:
+        ValueError: fp16 AMP with per-replica perturbations under DDP (an overflow on one replica only
+            would make the replicas disagree on skipping the step): use bf16 or ``sync_perturbation``.
     """
     batch = x.shape[0]
     scale = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
     device_type = x.device.type
+    ddp = isinstance(model, DistributedDataParallel)
+    if ddp and scale is not None and isinstance(optimizer, SAM) and not sync_perturbation:
+        raise ValueError(
+            "fp16 AMP with per-replica SAM perturbations under DDP is not supported: an overflow on one "
+            "replica would skip the step there only. Use --amp bf16, or --sync-perturbation"
+        )
 
-    def forward_backward(chunk: slice, update_stats: bool) -> tuple[Tensor, Tensor]:
+    def forward_backward(chunk: slice, update_stats: bool, sync: bool = True) -> tuple[Tensor, Tensor]:
         autocast = (
             torch.autocast(device_type, dtype=autocast_dtype)
             if autocast_dtype is not None
             else contextlib.nullcontext()
         )
-        with frozen_running_stats(model, enabled=not update_stats), autocast:
-            logits = model(x[chunk])
-            loss = loss_fn(logits, y[chunk])
-        (scale.scale(loss) if scale is not None else loss).backward()
+        local = model.no_sync() if ddp and not sync else contextlib.nullcontext()
+        with local:
+            with frozen_running_stats(model, enabled=not update_stats), autocast:
+                logits = model(x[chunk])
+                loss = loss_fn(logits, y[chunk])
+            (scale.scale(loss) if scale is not None else loss).backward()
         return loss.detach().float(), (logits.detach().argmax(dim=1) == y[chunk]).sum()
 
     optimizer.zero_grad(set_to_none=True)
@@ -94,21 +123,27 @@ def train_step(
 
     chunks = optimizer.chunks(batch) if isinstance(optimizer, MSAM) else [slice(0, batch)]
     ascent_steps = optimizer.ascent_steps
+    # Which passes DDP averages (see the module docstring); all of them without DDP.
+    averaged_after = ddp and (isinstance(optimizer, MSAM) or (isinstance(optimizer, GSAM) and not sync_perturbation))
+    sync_first = sync_perturbation or ascent_steps == 0
     loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), dtype=torch.long, device=x.device)
     for i, chunk in enumerate(chunks):
         weight = (chunk.stop - chunk.start) / batch
-        chunk_loss, chunk_correct = forward_backward(chunk, update_stats=i == 0)
+        chunk_loss, chunk_correct = forward_backward(chunk, update_stats=i == 0, sync=sync_first)
         loss += chunk_loss * weight
         correct += chunk_correct
-        for _ in range(ascent_steps):
+        for step in range(ascent_steps):
             if not optimizer.first_step(zero_grad=True, grad_scaler=scale):
                 optimizer.second_step(zero_grad=True, grad_scaler=scale)
                 return StepResult(loss, correct, torch.full((), float("nan"), device=x.device), skipped=True)
-            forward_backward(chunk, update_stats=False)
+            last = step == ascent_steps - 1
+            forward_backward(chunk, update_stats=False, sync=not averaged_after if last else sync_perturbation)
         if isinstance(optimizer, MSAM) and ascent_steps > 0:
             optimizer.end_chunk(weight)
     optimizer.restore()
+    if averaged_after:
+        average_gradients_([w for group in optimizer.param_groups for w in group["params"]])
     grad_norm = _unscale_and_clip(optimizer, optimizer.base_optimizer, scale, max_grad_norm)
     optimizer.second_step(grad_scaler=scale)
     return StepResult(loss, correct, grad_norm)

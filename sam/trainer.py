@@ -13,6 +13,13 @@ A run lives in one directory:
 Every file is written atomically (temporary file, then rename). A resumed run replays the same
 batches (the loader's order depends only on seed and epoch) and, on CPU, ends with the same weights
 as an uninterrupted one.
+
+Under ``torchrun`` (an initialised process group, see :mod:`sam.distributed`) the model is wrapped in
+``DistributedDataParallel``; ``batch_size`` stays the *global* batch, each rank trains on its
+contiguous share of it (:class:`~sam.data.DeviceLoader` with ``num_replicas``), SAM's first pass runs
+under ``no_sync`` unless ``sync_perturbation`` (:func:`sam.step.train_step`), the epoch's metrics are
+summed over the ranks, the test set is evaluated in shards, and only rank 0 writes files. The run
+directory must be on a file system every process sees, for resuming.
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from ._io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .data import DATASET_NAMES, DeviceLoader, Split, load_dataset
 from .models import available_models, build_model
@@ -72,6 +80,10 @@ class TrainConfig:
     The defaults train the small CNN on scikit-learn's digits in well under a minute on a CPU.
     SAM's paper defaults (Foret et al. 2021, Table 6: SGD momentum 0.9, cosine lr 0.1, weight decay
     5e-4, rho 0.05) are the defaults here too where they apply.
+
+    ``batch_size`` is the global batch: under ``torchrun`` with ``N`` processes each replica holds
+    ``batch_size / N`` examples (and with per-replica perturbations, SAM's ``m`` is that share).
+    ``sync_perturbation`` only matters under DDP (:func:`sam.step.train_step`).
     """
 
     dataset: str = "digits"
@@ -99,6 +111,7 @@ class TrainConfig:
     rho_min: float | None = None
     ascent_steps: int = 2
     sam_every: int = 2
+    sync_perturbation: bool = False
 
     epochs: int = 30
     batch_size: int = 128
@@ -173,13 +186,11 @@ class TrainResult:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available; use --device cpu or auto")
-    return resolved
+    """``"auto"`` is CUDA when available, else CPU; anything else is passed to ``torch.device``.
+
+    Under a process group ``"auto"`` and ``"cuda"`` are this process's GPU, ``cuda:LOCAL_RANK``.
+    """
+    return distributed.device_for(device)
 
 
 def build_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
@@ -237,23 +248,30 @@ def evaluate(
 
     Sums are weighted by batch size (never a mean of batch means) and read back once.
     """
+    sums = _evaluation_sums(model, split, batch_size=batch_size, autocast_dtype=autocast_dtype)
+    return float(sums[0]) / len(split), int(sums[1]) / len(split)
+
+
+@torch.no_grad()
+def _evaluation_sums(
+    model: nn.Module, split: Split, *, batch_size: int, autocast_dtype: torch.dtype | None
+) -> Tensor:
+    """``[summed cross-entropy, number correct]`` over ``split`` in eval mode, as one float64 tensor."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     try:
         for start in range(0, len(split), batch_size):
             x = split.x[start : start + batch_size].to(device, non_blocking=True)
             y = split.y[start : start + batch_size].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(x)
-            total_loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
-            correct += (logits.argmax(dim=1) == y).sum()
+            sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            sums[1] += (logits.argmax(dim=1) == y).sum()
     finally:
         model.train(was_training)
-    n = len(split)
-    return float(total_loss) / n, int(correct) / n
+    return sums
 
 
 def train(
@@ -278,8 +296,13 @@ def train(
             registered one; ``config.model`` must then be ``"custom"``. Its class is recorded in
             ``config.json``; resuming needs the same architecture.
 
+    Under an initialised process group (``torchrun``; :func:`sam.distributed.init_from_env`) every
+    process calls ``train`` with the same arguments; see the module docstring. ``on_epoch_end`` is
+    called on every rank with the same, global, metrics.
+
     Returns:
-        The trained model (on its device), the run directory and every epoch's metrics.
+        The trained model (on its device; the plain module, not the DDP wrapper), the run directory
+        and every epoch's metrics.
 
     Raises:
         FileExistsError: ``out_dir`` holds a run and ``resume`` is False.
@@ -288,13 +311,22 @@ def train(
     """
     out = Path(out_dir)
     state_path, config_path, metrics_path = out / "state.pt", out / "config.json", out / "metrics.jsonl"
+    replicas, rank = distributed.world_size(), distributed.rank()
+    if config.batch_size % replicas:
+        raise ValueError(
+            f"batch_size {config.batch_size} is the global batch and must be divisible by the number of "
+            f"processes ({replicas}), so that every replica holds the same share"
+        )
     if not resume and (config_path.exists() or state_path.exists()):
         raise FileExistsError(
             f"{out} already holds a run; pass --resume to continue it, or choose another --out"
         )
     if resume and config_path.exists():
         _check_same_config(config, config_path)
+        _check_same_replicas(config, config_path, replicas)
     resume = resume and state_path.exists()
+    distributed.barrier()  # every rank has looked at out_dir before rank 0 writes to it
+    progress = progress and distributed.is_main()
 
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -329,8 +361,11 @@ def train(
         augment=config.uses_augmentation,
         seed=config.seed,
         device=device,
+        num_replicas=replicas,
+        rank=rank,
     )
     test_split = test_split.to(device)
+    test_shard = Split(*(t[distributed.shard(len(test_split))] for t in (test_split.x, test_split.y)))
     total_steps = config.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         base, functools.partial(_lr_lambda, total_steps=total_steps, config=config)
@@ -352,10 +387,12 @@ def train(
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         start_epoch = int(state["epoch"])
         metrics = _read_metrics(metrics_path, before_epoch=start_epoch)
-    else:
+    elif distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         derived = {
             "device": str(device),
+            "world_size": replicas,
+            "per_replica_batch": config.batch_size // replicas,
             "dataset_info": dataclasses.asdict(info),
             "train_size": len(train_split),
             "test_size": len(test_split),
@@ -365,13 +402,18 @@ def train(
         }
         atomic_write_json(config_path, {"config": dataclasses.asdict(config), "derived": derived})
         atomic_write_text(metrics_path, "")
+    # The module the optimizer steps (and checkpoints save) stays `model`; DDP only wraps its passes.
+    network = model
+    if distributed.active():
+        network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     epochs = tqdm(range(start_epoch, config.epochs), desc=f"train {config.optimizer}", disable=not progress,
                   initial=start_epoch, total=config.epochs)
     for epoch in epochs:
         record = _train_epoch(
-            model, optimizer, loss_fn, loader, epoch, scaler=scaler, scheduler=scheduler,
+            network, optimizer, loss_fn, loader, epoch, scaler=scaler, scheduler=scheduler,
             autocast_dtype=autocast_dtype, max_grad_norm=config.max_grad_norm, progress=progress,
+            sync_perturbation=config.sync_perturbation,
         )
         if not math.isfinite(record["train_loss"]):
             last = f"epoch {epoch} in {state_path}" if epoch > 0 else "none (it diverged in the first epoch)"
@@ -379,12 +421,16 @@ def train(
                 f"training loss became {record['train_loss']} in epoch {epoch + 1}; stopped. Last good checkpoint: "
                 f"{last}. Lower --lr or --rho, or set --max-grad-norm."
             )
-        test_loss, test_acc = evaluate(model, test_split, batch_size=config.eval_batch_size, autocast_dtype=autocast_dtype)
+        sums = _evaluation_sums(model, test_shard, batch_size=config.eval_batch_size, autocast_dtype=autocast_dtype)
+        distributed.all_reduce_sum_([sums])
+        test_loss, test_acc = float(sums[0]) / len(test_split), int(sums[1]) / len(test_split)
         record.update(epoch=epoch + 1, test_loss=test_loss, test_acc=test_acc, lr=base.param_groups[0]["lr"])
         metrics.append(record)
-        _write_checkpoint(out, model, optimizer, scheduler, scaler, epoch + 1, device, metrics)
-        if config.snapshot_every and (epoch + 1) % config.snapshot_every == 0:
-            atomic_torch_save(model.state_dict(), out / "snapshots" / f"epoch_{epoch + 1:04d}.pt")
+        if distributed.is_main():
+            _write_checkpoint(out, model, optimizer, scheduler, scaler, epoch + 1, device, metrics)
+            if config.snapshot_every and (epoch + 1) % config.snapshot_every == 0:
+                atomic_torch_save(model.state_dict(), out / "snapshots" / f"epoch_{epoch + 1:04d}.pt")
+        distributed.barrier()  # the checkpoint is on disk before any rank goes on (or stops)
         epochs.set_postfix(train_acc=f"{record['train_acc']:.3f}", test_acc=f"{test_acc:.3f}")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
@@ -403,40 +449,47 @@ def _train_epoch(
     autocast_dtype: torch.dtype | None,
     max_grad_norm: float | None,
     progress: bool,
+    sync_perturbation: bool = False,
 ) -> dict[str, Any]:
-    """One pass over the training data; sums stay on the device and are read back once."""
+    """One pass over the training data; sums stay on the device and are read back once.
+
+    Under DDP the sums are over every replica's share (one ``all_reduce`` at the end of the epoch).
+    """
     model.train()
     loader.set_epoch(epoch)
     device = loader.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    grad_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen, steps, skipped = 0, 0, 0
+    # [loss sum, number correct, examples seen, gradient-norm sum]: one tensor, one collective
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    steps, skipped = 0, 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress):
         result = train_step(
             model, optimizer, loss_fn, x, y, grad_scaler=scaler, autocast_dtype=autocast_dtype,
-            max_grad_norm=max_grad_norm,
+            max_grad_norm=max_grad_norm, sync_perturbation=sync_perturbation,
         )
         scaler.update()
         scheduler.step()
-        loss_sum += result.loss.double() * x.shape[0]
-        correct += result.correct
+        sums[0] += result.loss.double() * x.shape[0]
+        sums[1] += result.correct
+        sums[2] += x.shape[0]
         if result.skipped:
             skipped += 1
         else:
-            grad_norm_sum += result.grad_norm.double()
-        seen += x.shape[0]
+            sums[3] += result.grad_norm.double()
         steps += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = distributed.broadcast_object(time.perf_counter() - start)  # rank 0's clock, for identical records
+    distributed.all_reduce_sum_([sums])
+    # The final gradient, hence its norm, is the same on every replica: average the replicas' sums.
+    loss_sum, correct, seen, grad_norm_sum = sums.tolist()
+    grad_norm_sum /= distributed.world_size()
     return {
-        "train_loss": float(loss_sum) / seen,
-        "train_acc": int(correct) / seen,
-        "grad_norm": float(grad_norm_sum) / max(steps - skipped, 1),
+        "train_loss": loss_sum / seen,
+        "train_acc": correct / seen,
+        "grad_norm": grad_norm_sum / max(steps - skipped, 1),
         "time": seconds,
         "step_time": seconds / steps,
         "images_per_sec": seen / seconds,
@@ -473,6 +526,18 @@ def _write_checkpoint(
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(device)
     atomic_torch_save(state, out / "state.pt")
+
+
+def _check_same_replicas(config: TrainConfig, config_path: Path, replicas: int) -> None:
+    """Per-replica perturbations make SAM's ``m`` the per-replica batch: resuming must keep the world size."""
+    saved = json.loads(config_path.read_text()).get("derived", {}).get("world_size", 1)
+    sam_family = config.optimizer not in BASE_OPTIMIZERS
+    if saved != replicas and sam_family and not config.sync_perturbation:
+        raise ValueError(
+            f"cannot resume {config_path.parent} on {replicas} process(es): it was trained on {saved}, and with "
+            f"per-replica perturbations {config.optimizer}'s m is the per-replica batch "
+            f"({config.batch_size // saved}); resume with --nproc_per_node {saved}"
+        )
 
 
 def _read_metrics(path: Path, before_epoch: int) -> list[dict[str, Any]]:

@@ -331,3 +331,102 @@ def test_compare_command_writes_every_figure_and_the_report_and_reuses_analyses(
     assert main(["compare", str(tmp_path / "nope"), str(other), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "is not a run directory" in err
+
+
+def test_train_with_a_preset_saves_the_resolved_config_and_explicit_flags_win(tmp_path, capsys):
+    from sam.presets import preset_config
+
+    out = tmp_path / "preset-run"
+    assert main(["train", "--preset", "digits-sam", "--epochs", "1", "--batch-size", "256", "--out", str(out),
+                 "--no-progress"]) == 0
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert TrainConfig.from_dict(saved) == preset_config("digits-sam", epochs=1, batch_size=256)
+    assert saved["optimizer"] == "sam" and saved["rho"] == 0.05  # the preset's, not the flags' defaults
+    provenance = json.loads((out / "preset.json").read_text())
+    assert provenance["preset"] == "digits-sam" and provenance["overrides"] == {"epochs": 1, "batch_size": 256}
+
+    # an explicit flag overrides the preset even when it repeats the flag's default (TrainConfig: 30 epochs)
+    args = build_parser().parse_args(["train", "--out", "x", "--preset", "c10-wrn28-10-sam", "--data-root", "/data",
+                                      "--epochs", "30", "--no-augment", "--rho", "0.1"])
+    from sam.cli import _resolve_train_config
+
+    resolved = _resolve_train_config(args)
+    assert resolved == preset_config("c10-wrn28-10-sam", data_root="/data", epochs=30, augment=False, rho=0.1)
+    assert (resolved.model, resolved.batch_size, resolved.weight_decay) == ("wrn28_10", 128, 5e-4)  # not given: the preset's
+
+
+def test_train_preset_errors_are_one_line_and_name_the_fix(tmp_path, capsys):
+    out = tmp_path / "c10"
+    assert main(["train", "--preset", "c10-wrn28-10-sam", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "preset 'c10-wrn28-10-sam' trains on cifar10" in err and "--data-root DIR" in err and "--download" in err
+    assert not out.exists()
+    assert main(["train", "--dataset", "cifar100", "--out", str(out)]) == 2
+    assert "--dataset cifar100 is read from files: pass --data-root DIR (the directory holding cifar-100-python/)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--preset", "wrn", "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'wrn' (choose from 'c10-wrn28-10-sgd', 'c10-wrn28-10-sam'" in err and "'digits-sam'" in err
+
+
+def test_presets_command_lists_every_preset_and_shows_one_in_full(capsys):
+    from sam.presets import PRESETS
+
+    assert main(["presets"]) == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in PRESETS)
+    assert "paper: test error 2.7%" in text and "paper: lambda_max 24.2, lambda_max/lambda_5 11.4" in text
+    assert main(["presets", "c10-wrn40-10-nobn-sam"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["config"]["model"] == "wrn40_10" and shown["config"]["batchnorm"] is False and shown["config"]["epochs"] == 300
+    assert shown["paper"] == {"lambda_max": 1.0, "lambda_max_over_lambda_5": 2.6}
+    assert main(["presets", "nope"]) == 2
+    assert "unknown preset 'nope'; choose one of c10-wrn28-10-sgd" in capsys.readouterr().err
+
+
+def test_noise_study_command_writes_the_table_compare_reads_and_refuses_another_recipe(tmp_path, capsys):
+    from sam.compare import load_noise_table
+
+    out = tmp_path / "noise"
+    argv = ["noise-study", "--out", str(out), "--rates", "0", "0.5", "--epochs", "1", "--batch-size", "256",
+            "--no-progress"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "clean test accuracy (%)" in text and "noise_study.json" in text
+    rows = load_noise_table(out)
+    assert [(r["optimizer"], r["noise"], r["rho"]) for r in rows] == [("sgd", 0.0, None), ("sgd", 0.5, None),
+                                                                       ("sam", 0.0, 0.1), ("sam", 0.5, 0.1)]
+    saved = json.loads((out / "runs" / "sam-noise0.5-seed0" / "config.json").read_text())["config"]
+    assert (saved["label_noise"], saved["rho"], saved["epochs"], saved["batch_size"]) == (0.5, 0.1, 1, 256)
+    stamp = (out / "runs" / "sgd-noise0-seed0" / "model.pt").stat().st_mtime_ns
+    assert main(argv) == 0  # resumed: nothing to train
+    assert "finished before: not retrained" in capsys.readouterr().out
+    assert (out / "runs" / "sgd-noise0-seed0" / "model.pt").stat().st_mtime_ns == stamp
+
+    assert main([*argv, "--lr", "0.2", "--rhos", "sam=0.05"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "holds a noise study with different settings (recipe.lr: saved 0.1, given 0.2; rhos: saved {'sam': 0.1}, " \
+        "given {'sam': 0.05})" in err
+    assert main(["noise-study", "--rhos", "sam"]) == 2
+    assert "--rhos takes NAME=RHO" in capsys.readouterr().err
+    assert main(["noise-study", "--preset", "c10-resnet32-noise20-sgd", "--out", str(tmp_path / "c10")]) == 2
+    assert "--data-root DIR" in capsys.readouterr().err
+
+
+def test_noise_study_takes_its_recipe_from_a_preset_with_explicit_flags_on_top():
+    from sam.cli import _resolve_train_config
+    from sam.noise_study import NoiseStudyConfig, default_recipe, noise_study_runs
+    from sam.presets import preset_config
+
+    args = build_parser().parse_args(["noise-study", "--preset", "c10-resnet32-noise20-sam", "--data-root", "/data",
+                                      "--epochs", "5"])
+    recipe = _resolve_train_config(args, default_recipe())
+    assert recipe == preset_config("c10-resnet32-noise20-sam", data_root="/data", epochs=5)
+    runs = dict(noise_study_runs(NoiseStudyConfig(rates=[0.6], optimizers=["sgd"], recipe=recipe)))
+    assert runs["sgd-noise0.6-seed0"] == preset_config("c10-resnet32-noise20-sgd", data_root="/data", epochs=5,
+                                                       label_noise=0.6)
+    plain = _resolve_train_config(build_parser().parse_args(["noise-study"]), default_recipe())
+    assert plain == default_recipe()

@@ -1,0 +1,174 @@
+"""Distributed analysis on two CPU processes (Gloo) against single-process references, in float64.
+
+One spawn runs every scenario; the tests compare its results with the same analyses run here:
+Hessian top-k eigenvalues and trace over sharded data (one ``all_reduce`` per product), the loss and
+gradient, and a 2D loss surface whose points are split across the ranks (rank 0 writing the file,
+resuming a half-done one).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from landscape import hessian, surface
+from landscape.objective import Objective
+from sam import distributed
+from tests._processes import run_processes
+
+WORLD = 2
+N = 97  # odd: the shards differ in size
+GRID = (5, 4)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(N, 5, generator=generator, dtype=torch.float64), torch.randint(0, 3, (N,), generator=generator)
+
+
+def _surface(path: Path | None, **kwargs: Any) -> surface.SurfaceResult:
+    return surface.slice_2d(_model(), F.cross_entropy, _data(), steps=GRID, seed=2, path=path, points_per_pass=3,
+                            dtype=torch.float64, progress=False, **kwargs)
+
+
+def _worker(rank: int, workdir: Path) -> dict[str, Any]:
+    X, y = _data()
+    mine = distributed.shard(N)
+    shard = (X[mine], y[mine])
+    out: dict[str, Any] = {"n_local": mine.stop - mine.start}
+    eig = hessian.top_eigenvalues(_model(), F.cross_entropy, shard, k=3, tol=1e-10, dtype=torch.float64,
+                                  progress=False, distributed=True)
+    out["eigenvalues"], out["converged"] = eig.eigenvalues, eig.converged
+    trace = hessian.hessian_trace(_model(), F.cross_entropy, shard, method="hutchinson", n_matvecs=20,
+                                  dtype=torch.float64, progress=False, distributed=True)
+    out["trace"] = trace.value
+    objective = Objective(_model(), F.cross_entropy, shard, dtype=torch.float64, distributed=True)
+    out["n_examples"] = objective.n_examples
+    out["loss"] = float(objective.loss())
+    out["loss_and_accuracy"] = list(objective.loss_and_accuracy())
+    out["gradient"] = objective.layout.flatten(objective.gradient())
+    operator = objective.hessian_operator()
+    calls = []
+    original = torch.distributed.all_reduce
+    torch.distributed.all_reduce = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    try:
+        v = torch.randn(operator.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        products = [operator.matvec(v) for _ in range(3)]
+    finally:
+        torch.distributed.all_reduce = original
+    out["collectives_per_3_matvecs"] = len(calls)
+    out["hv"] = products[0]
+    out["grid"] = torch.from_numpy(_surface(workdir / "grid", distributed=True).loss)
+    out["resumed"] = torch.from_numpy(_surface(workdir / "partial", distributed=True).loss)
+    try:
+        _surface(workdir / "grid", distributed=True, norm="layer")
+    except ValueError as error:
+        out["recipe_error"] = str(error)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path, np.ndarray]:
+    workdir = tmp_path_factory.mktemp("distributed-analysis")
+    reference = _surface(workdir / "partial")  # a finished single-process file, then half of it undone
+    stored = dict(np.load(workdir / "partial.npz"))
+    loss = stored["loss"].ravel()
+    loss[1::2] = np.nan
+    loss[0] = 123.0  # a sentinel: a finished point must be read back, not recomputed
+    stored["loss"] = loss.reshape(GRID)
+    np.savez(workdir / "partial.npz", **stored)
+    return run_processes(_worker, WORLD, workdir), workdir, reference.loss
+
+
+@pytest.fixture(scope="module")
+def ranks(setup: tuple[list[dict[str, Any]], Path, np.ndarray]) -> list[dict[str, Any]]:
+    return setup[0]
+
+
+def test_ranks_hold_different_shards(ranks: list[dict[str, Any]]) -> None:
+    assert [r["n_local"] for r in ranks] == [49, 48]
+    assert all(r["n_examples"] == N for r in ranks)
+
+
+def test_distributed_top_eigenvalues_equal_single_process(ranks: list[dict[str, Any]]) -> None:
+    single = hessian.top_eigenvalues(_model(), F.cross_entropy, _data(), k=3, tol=1e-10, dtype=torch.float64,
+                                     progress=False)
+    dense = torch.linalg.eigvalsh(_dense_hessian()).flip(0)[:3]
+    for rank in ranks:
+        assert rank["converged"]
+        torch.testing.assert_close(rank["eigenvalues"], single.eigenvalues, rtol=1e-6, atol=1e-10)
+        torch.testing.assert_close(rank["eigenvalues"], dense, rtol=1e-6, atol=1e-10)
+
+
+def test_distributed_trace_equals_single_process_with_the_same_probes(ranks: list[dict[str, Any]]) -> None:
+    single = hessian.hessian_trace(_model(), F.cross_entropy, _data(), method="hutchinson", n_matvecs=20,
+                                   dtype=torch.float64, progress=False)
+    for rank in ranks:
+        assert rank["trace"] == pytest.approx(single.value, rel=1e-10)
+
+
+def test_distributed_loss_gradient_and_product_equal_single_process(ranks: list[dict[str, Any]]) -> None:
+    objective = Objective(_model(), F.cross_entropy, _data(), dtype=torch.float64)
+    v = torch.randn(objective.layout.size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    expected_hv = _dense_hessian() @ v
+    for rank in ranks:
+        assert rank["loss"] == pytest.approx(float(objective.loss()), rel=1e-12)
+        assert rank["loss_and_accuracy"] == pytest.approx(list(objective.loss_and_accuracy()), rel=1e-12)
+        torch.testing.assert_close(rank["gradient"], objective.layout.flatten(objective.gradient()), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rank["hv"], expected_hv, rtol=1e-10, atol=1e-12)
+
+
+def test_one_hessian_vector_product_is_one_collective(ranks: list[dict[str, Any]]) -> None:
+    assert [r["collectives_per_3_matvecs"] for r in ranks] == [3, 3]
+
+
+def test_distributed_2d_grid_equals_single_process(setup: tuple[list[dict[str, Any]], Path, np.ndarray]) -> None:
+    ranks, workdir, reference = setup
+    for rank in ranks:
+        np.testing.assert_allclose(rank["grid"].numpy(), reference, rtol=1e-6, atol=1e-12)
+    saved = surface.load(workdir / "grid")
+    np.testing.assert_allclose(saved.loss, reference, rtol=1e-6, atol=1e-12)
+    meta = json.loads((workdir / "grid.json").read_text())
+    assert meta["points_done"] == meta["points_total"] == GRID[0] * GRID[1]
+
+
+def test_distributed_grid_resumes_a_partial_file_without_recomputing(setup: tuple[list[dict[str, Any]], Path, np.ndarray]) -> None:
+    ranks, workdir, reference = setup
+    expected = reference.ravel().copy()
+    expected[0] = 123.0
+    for rank in ranks:
+        np.testing.assert_allclose(rank["resumed"].numpy().ravel(), expected, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(surface.load(workdir / "partial").loss.ravel(), expected, rtol=1e-6, atol=1e-12)
+
+
+def test_distributed_grid_with_another_recipe_fails_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+    for rank in ranks:
+        assert "different recipe" in rank["recipe_error"] and "norm" in rank["recipe_error"]
+
+
+def _dense_hessian() -> torch.Tensor:
+    model = _model()
+    X, y = _data()
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        pieces = dict(zip(names, (t.view(s) for t, s in zip(torch.split(flat, sizes), shapes))))
+        return F.cross_entropy(torch.func.functional_call(model, pieces, (X,)), y)
+
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+    return torch.func.hessian(loss)(flat)
