@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sam import distributed as _distributed
+
 from .density import Density, density_from_operator
 from .lanczos import EigenResult, arpack_eigenpairs, power_iteration, top_eigenpairs
 from .objective import Data, HessianOperator, LossFn, Objective
@@ -193,7 +195,12 @@ def top_eigenvalues(
         model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method=hvp_method,
         distributed=distributed,
     )
-    return _eigenpairs(op, k, which, tol, max_matvecs, method, ncv, seed, progress)
+    return _eigenpairs(op, k, which, tol, max_matvecs, method, ncv, seed, _shows_progress(op, progress))
+
+
+def _shows_progress(op: HessianOperator, progress: bool) -> bool:
+    """Progress bars on rank 0 only when the products are summed over processes."""
+    return progress and (not op.objective.distributed or _distributed.is_main())
 
 
 def _eigenpairs(
@@ -252,7 +259,7 @@ def hessian_trace(
         model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method=hvp_method,
         distributed=distributed,
     )
-    return _trace(op, method, n_matvecs, seed, progress)
+    return _trace(op, method, n_matvecs, seed, _shows_progress(op, progress))
 
 
 def _trace(op: HessianOperator, method: str, n_matvecs: int, seed: int, progress: bool) -> TraceEstimate:
@@ -292,7 +299,8 @@ def spectral_density(
         distributed=distributed,
     )
     return density_from_operator(
-        op, n_runs=n_runs, n_steps=n_steps, seed=seed, sigma_squared=sigma_squared, grid=grid, progress=progress
+        op, n_runs=n_runs, n_steps=n_steps, seed=seed, sigma_squared=sigma_squared, grid=grid,
+        progress=_shows_progress(op, progress),
     )
 
 
@@ -321,6 +329,7 @@ def summary(
         distributed=distributed,
     )
     start = op.n_matvecs
+    progress = _shows_progress(op, progress)
     eig = _eigenpairs(op, k, "LA", tol, None, "lanczos", None, seed, progress)
     trace = _trace(op, "hutch++", trace_matvecs, seed, progress)
     values = eig.eigenvalues.tolist()

@@ -195,7 +195,9 @@ def _compute_surface(
     if npz_path is not None and writer:
         try:
             stored = _read_saved(npz_path, json_path, recipe)
-        except (FileExistsError, ValueError) as error:
+        except Exception as error:  # noqa: BLE001 - any failure must reach every rank, or they wait forever
+            if not distributed:
+                raise
             problem = error
     if distributed:  # rank 0 read the file: everyone learns its content, or its problem
         stored, problem = _distributed.broadcast_object((stored, problem))

@@ -615,13 +615,14 @@ class DeviceLoader:
     Sharded for DistributedDataParallel (``num_replicas > 1``): ``batch_size`` is
     the *global* batch. Every rank draws the same permutation (same seed, as
     ``DistributedSampler`` does) and keeps rank ``r``'s contiguous share of each
-    global batch, so the replicas' shares together are exactly the batch a
-    single process would see, augmentation included (the crops and flips are
-    drawn for the whole global batch and each rank applies its share's). A
-    final global batch that does not split evenly is padded with the epoch's
-    first examples, as ``DistributedSampler`` pads, so that every replica
-    holds the same number of examples and DDP's mean over replicas is the
-    batch mean.
+    global batch, so the replicas' shares of every full global batch are
+    exactly the batch a single process would see, augmentation included (the
+    crops and flips are drawn for the whole global batch and each rank applies
+    its share's). A final global batch that does not split evenly is padded
+    with the epoch's first examples, as ``DistributedSampler`` pads, so that
+    every replica holds the same number of examples and DDP's mean over
+    replicas is the batch mean; that padded batch, and its augmentation,
+    differ from the single-process one.
 
     Args:
         split: The data to iterate.

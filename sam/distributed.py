@@ -36,6 +36,7 @@ __all__ = [
     "shard",
     "all_reduce_sum_",
     "average_gradients_",
+    "broadcast_",
     "broadcast_object",
     "barrier",
 ]
@@ -73,11 +74,15 @@ def device_for(device: str) -> torch.device:
     ``cuda:LOCAL_RANK``; elsewhere ``"auto"`` is CUDA when available, else the CPU.
 
     Raises:
-        ValueError: CUDA was asked for and is not available.
+        ValueError: CUDA was asked for and is not available, or a numbered GPU (``cuda:K``) was asked for
+            under a process group (every process would take the same GPU).
     """
     wants_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but CUDA is not available; use --device cpu or auto")
+    if device.startswith("cuda:") and launched_by_torchrun():
+        raise ValueError(f"device {device!r} names one GPU for every process; under torchrun pass --device cuda "
+                         "or auto (each process takes cuda:LOCAL_RANK) and choose GPUs with CUDA_VISIBLE_DEVICES")
     if wants_cuda and active():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank() % torch.cuda.device_count())))
     if device == "auto":
@@ -156,6 +161,24 @@ def average_gradients_(params: Sequence[Tensor]) -> None:
         return
     all_reduce_sum_(grads)
     torch._foreach_div_(grads, float(world_size()))
+
+
+@torch.no_grad()
+def broadcast_(tensors: Sequence[Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` with rank ``src``'s values, one ``broadcast`` per dtype (no-op without a group).
+
+    The trainer uses it for BatchNorm running statistics: DDP re-broadcasts buffers only before a
+    synchronised forward pass, so between steps every replica holds its own.
+    """
+    if not active():
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.broadcast(flat, src=src)
+        torch._foreach_copy_(group, [c.view_as(t) for c, t in zip(torch.split(flat, [t.numel() for t in group]), group)])
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:

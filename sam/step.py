@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .distributed import average_gradients_
 from .optim import GSAM, MSAM, SAM, frozen_running_stats
 
-__all__ = ["StepResult", "train_step"]
+__all__ = ["StepResult", "train_step", "check_distributed_settings"]
 
 
 @dataclass
@@ -77,25 +77,21 @@ def train_step(
         max_grad_norm: clip the final gradient to this L2 norm (the perturbation uses the raw one).
         sync_perturbation: under DDP, average the first pass's gradient over the replicas, so all take
             one perturbation (default: each replica perturbs with its own gradient, as in the paper).
-            Ignored without DDP.
+            Ignored without DDP; not for m-SAM.
 
     Returns:
-        The step's loss, number correct and final gradient norm at ``w`` (this replica's share of the
-        batch under DDP).
+        The step's loss and number correct at ``w`` (over this replica's share under DDP) and the norm
+        of the final gradient (the averaged one under DDP, the same on every replica).
 
     Raises:
-        ValueError: fp16 AMP with per-replica perturbations under DDP (an overflow on one replica only
-            would make the replicas disagree on skipping the step): use bf16 or ``sync_perturbation``.
+        ValueError: DDP settings that are not supported (:func:`check_distributed_settings`).
     """
     batch = x.shape[0]
     scale = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
     device_type = x.device.type
     ddp = isinstance(model, DistributedDataParallel)
-    if ddp and scale is not None and isinstance(optimizer, SAM) and not sync_perturbation:
-        raise ValueError(
-            "fp16 AMP with per-replica SAM perturbations under DDP is not supported: an overflow on one "
-            "replica would skip the step there only. Use --amp bf16, or --sync-perturbation"
-        )
+    if ddp:
+        check_distributed_settings(optimizer, amp_fp16=scale is not None, sync_perturbation=sync_perturbation)
 
     def forward_backward(chunk: slice, update_stats: bool, sync: bool = True) -> tuple[Tensor, Tensor]:
         autocast = (
@@ -147,6 +143,26 @@ def train_step(
     grad_norm = _unscale_and_clip(optimizer, optimizer.base_optimizer, scale, max_grad_norm)
     optimizer.second_step(grad_scaler=scale)
     return StepResult(loss, correct, grad_norm)
+
+
+def check_distributed_settings(optimizer: torch.optim.Optimizer, *, amp_fp16: bool, sync_perturbation: bool) -> None:
+    """Refuse the DDP settings :func:`train_step` does not support, naming the alternative.
+
+    Raises:
+        ValueError: fp16 AMP with per-replica perturbations (an overflow on one replica only would skip
+            the step there only: use bf16 or ``sync_perturbation``); ``sync_perturbation`` with m-SAM (its
+            ``m`` already fixes whose gradient each perturbation uses).
+    """
+    if amp_fp16 and isinstance(optimizer, SAM) and not sync_perturbation:
+        raise ValueError(
+            "fp16 AMP with per-replica SAM perturbations under DDP is not supported: an overflow on one "
+            "replica would skip the step there only. Use --amp bf16, or --sync-perturbation"
+        )
+    if sync_perturbation and isinstance(optimizer, MSAM):
+        raise ValueError(
+            "--sync-perturbation does not apply to m-SAM, whose m already sets the examples behind each "
+            "perturbation; under DDP m-SAM perturbs every chunk of m examples of each replica separately"
+        )
 
 
 def _unscale_and_clip(

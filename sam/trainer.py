@@ -47,7 +47,7 @@ from ._io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .data import DATASET_NAMES, DeviceLoader, Split, load_dataset
 from .models import available_models, build_model
 from .optim import BASE_OPTIMIZERS, SAM, available_optimizers, create, wrapper_arguments
-from .step import train_step
+from .step import check_distributed_settings, train_step
 
 __all__ = [
     "TrainConfig",
@@ -317,6 +317,9 @@ def train(
             f"batch_size {config.batch_size} is the global batch and must be divisible by the number of "
             f"processes ({replicas}), so that every replica holds the same share"
         )
+    if replicas > 1:  # before anything is written: a refused setting must not leave a half-made run behind
+        check_distributed_settings(build_optimizer(config, [nn.Parameter(torch.zeros(1))]),
+                                   amp_fp16=config.amp == "fp16", sync_perturbation=config.sync_perturbation)
     if not resume and (config_path.exists() or state_path.exists()):
         raise FileExistsError(
             f"{out} already holds a run; pass --resume to continue it, or choose another --out"
@@ -330,6 +333,8 @@ def train(
 
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 downloads (if asked to) before the others read the files
     train_split, test_split, info = load_dataset(
         config.dataset,
         root=config.data_root,
@@ -338,6 +343,8 @@ def train(
         noise_seed=config.seed,
         test_fraction=config.test_fraction,
     )
+    if distributed.is_main():
+        distributed.barrier()
     if (model is None) != (config.model != CUSTOM_MODEL):
         raise ValueError(
             f"pass model=<nn.Module> together with config.model={CUSTOM_MODEL!r}, or neither "
@@ -421,6 +428,9 @@ def train(
                 f"training loss became {record['train_loss']} in epoch {epoch + 1}; stopped. Last good checkpoint: "
                 f"{last}. Lower --lr or --rho, or set --max-grad-norm."
             )
+        # Between synchronised forward passes DDP leaves each replica its own BatchNorm statistics: take
+        # rank 0's, the ones the checkpoint saves, before evaluating.
+        distributed.broadcast_(list(model.buffers()))
         sums = _evaluation_sums(model, test_shard, batch_size=config.eval_batch_size, autocast_dtype=autocast_dtype)
         distributed.all_reduce_sum_([sums])
         test_loss, test_acc = float(sums[0]) / len(test_split), int(sums[1]) / len(test_split)
@@ -529,14 +539,24 @@ def _write_checkpoint(
 
 
 def _check_same_replicas(config: TrainConfig, config_path: Path, replicas: int) -> None:
-    """Per-replica perturbations make SAM's ``m`` the per-replica batch: resuming must keep the world size."""
+    """Resuming on another number of processes must not change the method.
+
+    It would with per-replica perturbations (SAM's ``m`` is the per-replica batch) and with BatchNorm
+    (its batch statistics are per replica).
+    """
     saved = json.loads(config_path.read_text()).get("derived", {}).get("world_size", 1)
-    sam_family = config.optimizer not in BASE_OPTIMIZERS
-    if saved != replicas and sam_family and not config.sync_perturbation:
+    if saved == replicas:
+        return
+    reasons = []
+    if config.optimizer not in BASE_OPTIMIZERS and config.optimizer != "msam" and not config.sync_perturbation:
+        reasons.append(f"with per-replica perturbations {config.optimizer}'s m is the per-replica batch "
+                       f"({config.batch_size // saved})")
+    if config.batchnorm and config.model != CUSTOM_MODEL:
+        reasons.append(f"BatchNorm normalises with per-replica batches of {config.batch_size // saved}")
+    if reasons:
         raise ValueError(
-            f"cannot resume {config_path.parent} on {replicas} process(es): it was trained on {saved}, and with "
-            f"per-replica perturbations {config.optimizer}'s m is the per-replica batch "
-            f"({config.batch_size // saved}); resume with --nproc_per_node {saved}"
+            f"cannot resume {config_path.parent} on {replicas} process(es): it was trained on {saved}, and "
+            f"{' and '.join(reasons)}; resume with --nproc_per_node {saved}"
         )
 
 

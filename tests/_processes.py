@@ -8,6 +8,7 @@ returns to ``workdir / f"rank{r}.pt"``. The parent gets the list of returned val
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,18 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, arg
         dist.destroy_process_group()
 
 
-def run_processes(fn: Callable[..., Any], world_size: int, workdir: Path, *args: Any) -> list[Any]:
-    """``[fn(0, workdir, *args), ..., fn(world_size - 1, workdir, *args)]``, each run in its own process."""
+def run_processes(fn: Callable[..., Any], world_size: int, workdir: Path, *args: Any, timeout: float = 900.0) -> list[Any]:
+    """``[fn(0, workdir, *args), ..., fn(world_size - 1, workdir, *args)]``, each run in its own process.
+
+    Raises:
+        TimeoutError: the processes did not finish within ``timeout`` seconds (a deadlock: they are killed).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_entry, args=(fn, world_size, str(workdir), args), nprocs=world_size, join=True)
+    context = mp.spawn(_entry, args=(fn, world_size, str(workdir), args), nprocs=world_size, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"{world_size} processes running {fn.__name__} did not finish in {timeout:.0f} s")
     return [torch.load(workdir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]

@@ -51,6 +51,11 @@ def _worker(rank: int, workdir: Path) -> dict[str, Any]:
     eig = hessian.top_eigenvalues(_model(), F.cross_entropy, shard, k=3, tol=1e-10, dtype=torch.float64,
                                   progress=False, distributed=True)
     out["eigenvalues"], out["converged"] = eig.eigenvalues, eig.converged
+    # Several batches per shard (49 and 48 examples in batches of 16): the per-batch products, and the
+    # product method each process would time for itself replaced by rank 0's choice.
+    batched = hessian.top_eigenvalues(_model(), F.cross_entropy, shard, k=3, tol=1e-10, dtype=torch.float64,
+                                      batch_size=16, progress=False, distributed=True)
+    out["eigenvalues_batched"] = batched.eigenvalues
     trace = hessian.hessian_trace(_model(), F.cross_entropy, shard, method="hutchinson", n_matvecs=20,
                                   dtype=torch.float64, progress=False, distributed=True)
     out["trace"] = trace.value
@@ -76,6 +81,10 @@ def _worker(rank: int, workdir: Path) -> dict[str, Any]:
         _surface(workdir / "grid", distributed=True, norm="layer")
     except ValueError as error:
         out["recipe_error"] = str(error)
+    try:  # rank 0 alone can read the file: its failure must reach every rank, not leave them waiting
+        _surface(workdir / "broken", distributed=True)
+    except Exception as error:  # noqa: BLE001
+        out["broken_error"] = type(error).__name__
     return out
 
 
@@ -89,7 +98,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]
     loss[0] = 123.0  # a sentinel: a finished point must be read back, not recomputed
     stored["loss"] = loss.reshape(GRID)
     np.savez(workdir / "partial.npz", **stored)
-    return run_processes(_worker, WORLD, workdir), workdir, reference.loss
+    (workdir / "broken.json").write_text((workdir / "partial.json").read_text())  # the same recipe ...
+    np.savez(workdir / "broken.npz", other=np.zeros(1))  # ... beside an array file without the loss
+    return run_processes(_worker, WORLD, workdir, timeout=600), workdir, reference.loss
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +121,7 @@ def test_distributed_top_eigenvalues_equal_single_process(ranks: list[dict[str, 
         assert rank["converged"]
         torch.testing.assert_close(rank["eigenvalues"], single.eigenvalues, rtol=1e-6, atol=1e-10)
         torch.testing.assert_close(rank["eigenvalues"], dense, rtol=1e-6, atol=1e-10)
+        torch.testing.assert_close(rank["eigenvalues_batched"], dense, rtol=1e-6, atol=1e-10)
 
 
 def test_distributed_trace_equals_single_process_with_the_same_probes(ranks: list[dict[str, Any]]) -> None:
@@ -172,3 +184,7 @@ def _dense_hessian() -> torch.Tensor:
 
     flat = torch.cat([params[n].reshape(-1) for n in names])
     return torch.func.hessian(loss)(flat)
+
+
+def test_a_file_only_rank_zero_fails_to_read_fails_every_rank(ranks: list[dict[str, Any]]) -> None:
+    assert [r["broken_error"] for r in ranks] == ["KeyError", "KeyError"]

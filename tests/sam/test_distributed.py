@@ -4,8 +4,10 @@ One spawn runs every scenario (a process group costs seconds to start); the test
 
 * SAM-family steps with synchronised perturbations equal the single-process step on the global batch;
 * per-replica perturbations (the default) equal m-SAM with ``m`` = the per-replica batch, BatchNorm
-  statistics included (rank 0's, as DDP keeps), and the replicas never drift apart;
-* the trainer under DDP equals a single-process run, writes files from rank 0 only, and resumes.
+  statistics included (rank 0's, as DDP keeps), and for every SAM variant the average of the update
+  gradients each shard computes on its own; the replicas never drift apart;
+* the trainer under DDP equals a single-process run, writes files from rank 0 only, resumes, reports
+  the saved checkpoint's test metrics, and refuses unsupported settings before writing anything.
 """
 
 from __future__ import annotations
@@ -25,17 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+import sam.trainer as trainer_module
 from sam import distributed
-from sam.optim import create
+from sam.optim import OPTIMIZERS, create
 from sam.step import train_step
-from sam.trainer import TrainConfig, train
+from sam.trainer import TrainConfig, evaluate, load_run, train
 from tests._processes import run_processes
 
 WORLD = 2
 STEPS = 3
 GLOBAL_BATCH = 16
 PER_REPLICA = GLOBAL_BATCH // WORLD
-OPTIMIZERS = ("sam", "asam", "msam", "gsam", "multistep_sam", "every_k_sam")
+SAM_FAMILY = tuple(OPTIMIZERS)  # every registered SAM variant
 HYPER: dict[str, dict[str, Any]] = {
     "sam": {"rho": 0.2},
     "asam": {"rho": 1.0},
@@ -94,11 +97,30 @@ def _interrupt_after_first_epoch(epoch: int, record: dict[str, Any]) -> None:
 
 def _worker(rank: int, workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"rank": distributed.rank(), "world": distributed.world_size()}
-    for name in OPTIMIZERS:
-        out[f"{name}/synced"] = _steps(name, batchnorm=False, ddp=True, sync=True, rank=rank)
+    for name in SAM_FAMILY:
+        if name != "msam":
+            out[f"{name}/synced"] = _steps(name, batchnorm=False, ddp=True, sync=True, rank=rank)
         out[f"{name}/per_replica"] = _steps(name, batchnorm=True, ddp=True, rank=rank)
+        out[f"{name}/per_replica_plain"] = _steps(name, batchnorm=False, ddp=True, rank=rank)
+    writers = ("atomic_write_json", "atomic_write_text", "atomic_torch_save")
+    originals = {name: getattr(trainer_module, name) for name in writers}
+    writes: list[str] = []
+
+    def counting(name: str) -> Any:
+        def write(*args: Any, **kwargs: Any) -> Any:
+            writes.append(name)
+            return originals[name](*args, **kwargs)
+        return write
+
+    for name in writers:
+        setattr(trainer_module, name, counting(name))
     config = _digits_config()
-    result = train(config, workdir / "run", progress=False)
+    try:
+        result = train(config, workdir / "run", progress=False)
+    finally:
+        for name in writers:
+            setattr(trainer_module, name, originals[name])
+    out["run/files_written"] = len(writes)
     out["run/weights"] = {k: v.clone() for k, v in result.model.state_dict().items()}
     out["run/metrics"] = json.dumps(result.metrics)
     try:
@@ -112,6 +134,14 @@ def _worker(rank: int, workdir: Path) -> dict[str, Any]:
         train(config, workdir / "run", progress=False)
     except FileExistsError as error:
         out["run/again"] = str(error)
+    # The default: per-replica perturbations, BatchNorm (the replicas' running statistics differ).
+    bn = train(_digits_config(sync_perturbation=False, batchnorm=True, epochs=1), workdir / "bn", progress=False)
+    out["bn/metrics"] = json.dumps(bn.metrics)
+    for name, override in (("fp16", {"amp": "fp16", "sync_perturbation": False}), ("msam_synced", {"optimizer": "msam"})):
+        try:
+            train(_digits_config(**override), workdir / name, progress=False)
+        except ValueError as error:
+            out[f"refused/{name}"] = str(error)
     return out
 
 
@@ -131,7 +161,7 @@ def test_process_group_has_two_ranks(ranks: list[dict[str, Any]]) -> None:
     assert {r["world"] for r in ranks} == {WORLD}
 
 
-@pytest.mark.parametrize("name", [n for n in OPTIMIZERS if n != "msam"])
+@pytest.mark.parametrize("name", [n for n in SAM_FAMILY if n != "msam"])
 def test_synced_perturbation_equals_single_process_step_on_global_batch(ranks: list[dict[str, Any]], name: str) -> None:
     reference = _steps(name, batchnorm=False, ddp=False)
     for rank in ranks:
@@ -166,7 +196,7 @@ def test_per_replica_sam_is_not_the_global_batch_step(ranks: list[dict[str, Any]
     assert difference > 1e-4
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("name", SAM_FAMILY)
 def test_replicas_hold_identical_weights_after_per_replica_steps(ranks: list[dict[str, Any]], name: str) -> None:
     parameters = [k for k, _ in _model(batchnorm=True).named_parameters()]
     for key in parameters:
@@ -308,3 +338,56 @@ def test_cli_refuses_single_process_commands_under_torchrun(tmp_path: Path, monk
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["study", "--out", str(tmp_path / "study")]) == 2
     assert "runs as one process" in capsys.readouterr().err
+
+
+def test_only_rank_zero_writes_the_run_directory(ranks: list[dict[str, Any]]) -> None:
+    assert ranks[0]["run/files_written"] > 0
+    assert ranks[1]["run/files_written"] == 0
+
+
+def test_reported_test_metrics_are_the_saved_checkpoints_with_batchnorm(ranks: list[dict[str, Any]],
+                                                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+    run = next(p for p in tmp_path_factory.getbasetemp().glob("ddp*/bn"))
+    loaded = load_run(run)
+    test_loss, test_acc = evaluate(loaded.model, loaded.test)
+    for rank in ranks:
+        reported = json.loads(rank["bn/metrics"])[-1]
+        assert reported["test_loss"] == pytest.approx(test_loss, rel=1e-5)
+        assert reported["test_acc"] == test_acc
+
+
+@pytest.mark.parametrize(("name", "message"), [("fp16", "fp16 AMP"), ("msam_synced", "does not apply to m-SAM")])
+def test_unsupported_ddp_settings_are_refused_before_writing(ranks: list[dict[str, Any]], name: str, message: str,
+                                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    for rank in ranks:
+        assert message in rank[f"refused/{name}"]
+    base = next(tmp_path_factory.getbasetemp().glob("ddp*"))
+    assert not (base / name).exists()
+
+
+# m-SAM's chunk passes are checked against single-process m-SAM above.
+@pytest.mark.parametrize("name", [n for n in SAM_FAMILY if n != "msam"])
+def test_per_replica_update_is_the_mean_of_each_shards_own_update_gradient(ranks: list[dict[str, Any]], name: str) -> None:
+    """Reference without DDP: each shard runs its own passes from ``w``; the base optimizer steps with
+    the average of the shards' final gradients (the per-replica method, spelled out)."""
+    model = _model(batchnorm=False)
+    optimizer = create(name, model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, **HYPER[name])
+    params = list(model.parameters())
+    for x, y in _batches():
+        finals = []
+        ascent_steps = optimizer.ascent_steps
+        for rank in range(WORLD):
+            share = slice(rank * PER_REPLICA, (rank + 1) * PER_REPLICA)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[share]), y[share]).backward()
+            for _ in range(ascent_steps):
+                optimizer.first_step(zero_grad=True)
+                F.cross_entropy(model(x[share]), y[share]).backward()
+            optimizer.restore()
+            finals.append([p.grad.clone() for p in params])
+        for p, *shard_grads in zip(params, *finals):
+            p.grad = sum(shard_grads) / WORLD
+        optimizer.second_step()
+    reference = model.state_dict()
+    for rank in ranks:
+        _assert_states_close(rank[f"{name}/per_replica_plain"], reference, 1e-10)
