@@ -275,8 +275,8 @@ def _evaluate_shared(
         block[: mine.stop - mine.start] = torch.as_tensor(np.stack([values, accs], axis=1), device=objective.device)
     gathered = [torch.empty_like(block) for _ in range(replicas)]
     torch.distributed.all_gather(gathered, block)
-    sizes = [len(range(points.shape[0])[_distributed.shard(points.shape[0], r, replicas)]) for r in range(replicas)]
-    parts = [g[:size] for g, size in zip(gathered, sizes)]
+    shares = [_distributed.shard(points.shape[0], r, replicas) for r in range(replicas)]
+    parts = [g[: share.stop - share.start] for g, share in zip(gathered, shares)]
     joined = torch.cat(parts).cpu().numpy()
     return joined[:, 0], joined[:, 1]
 

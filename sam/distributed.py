@@ -18,7 +18,7 @@ the same code runs under ``python`` and under ``torchrun``.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -144,9 +144,7 @@ def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
     if len(tensors) == 1 and tensors[0].is_contiguous():
         dist.all_reduce(tensors[0])
         return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    torch._foreach_copy_(list(tensors), [c.view_as(t) for c, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors)])
+    _through_flat_buffer(tensors, dist.all_reduce)
 
 
 @torch.no_grad()
@@ -176,9 +174,15 @@ def broadcast_(tensors: Sequence[Tensor], src: int = 0) -> None:
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
     for group in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
-        dist.broadcast(flat, src=src)
-        torch._foreach_copy_(group, [c.view_as(t) for c, t in zip(torch.split(flat, [t.numel() for t in group]), group)])
+        _through_flat_buffer(group, lambda flat: dist.broadcast(flat, src=src))
+
+
+def _through_flat_buffer(tensors: Sequence[Tensor], collective: Callable[[Tensor], Any]) -> None:
+    """Run one in-place ``collective`` on the tensors concatenated into one buffer, then copy back."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    collective(flat)
+    pieces = torch.split(flat, [t.numel() for t in tensors])
+    torch._foreach_copy_(list(tensors), [piece.view_as(t) for piece, t in zip(pieces, tensors)])
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:

@@ -91,7 +91,7 @@ def train_step(
     device_type = x.device.type
     ddp = isinstance(model, DistributedDataParallel)
     if ddp:
-        check_distributed_settings(optimizer, amp_fp16=scale is not None, sync_perturbation=sync_perturbation)
+        check_distributed_settings(type(optimizer), amp_fp16=scale is not None, sync_perturbation=sync_perturbation)
 
     def forward_backward(chunk: slice, update_stats: bool, sync: bool = True) -> tuple[Tensor, Tensor]:
         autocast = (
@@ -145,20 +145,23 @@ def train_step(
     return StepResult(loss, correct, grad_norm)
 
 
-def check_distributed_settings(optimizer: torch.optim.Optimizer, *, amp_fp16: bool, sync_perturbation: bool) -> None:
-    """Refuse the DDP settings :func:`train_step` does not support, naming the alternative.
+def check_distributed_settings(
+    optimizer: type[torch.optim.Optimizer], *, amp_fp16: bool, sync_perturbation: bool
+) -> None:
+    """Refuse the DDP settings :func:`train_step` does not support for an ``optimizer`` class, naming the
+    alternative (the trainer asks before building anything).
 
     Raises:
         ValueError: fp16 AMP with per-replica perturbations (an overflow on one replica only would skip
             the step there only: use bf16 or ``sync_perturbation``); ``sync_perturbation`` with m-SAM (its
             ``m`` already fixes whose gradient each perturbation uses).
     """
-    if amp_fp16 and isinstance(optimizer, SAM) and not sync_perturbation:
+    if amp_fp16 and issubclass(optimizer, SAM) and not sync_perturbation:
         raise ValueError(
             "fp16 AMP with per-replica SAM perturbations under DDP is not supported: an overflow on one "
             "replica would skip the step there only. Use --amp bf16, or --sync-perturbation"
         )
-    if sync_perturbation and isinstance(optimizer, MSAM):
+    if sync_perturbation and issubclass(optimizer, MSAM):
         raise ValueError(
             "--sync-perturbation does not apply to m-SAM, whose m already sets the examples behind each "
             "perturbation; under DDP m-SAM perturbs every chunk of m examples of each replica separately"

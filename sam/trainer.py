@@ -46,7 +46,7 @@ from . import __version__, distributed
 from ._io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .data import DATASET_NAMES, DeviceLoader, Split, load_dataset
 from .models import available_models, build_model
-from .optim import BASE_OPTIMIZERS, SAM, available_optimizers, create, wrapper_arguments
+from .optim import BASE_OPTIMIZERS, OPTIMIZERS, SAM, available_optimizers, create, wrapper_arguments
 from .step import check_distributed_settings, train_step
 
 __all__ = [
@@ -318,7 +318,7 @@ def train(
             f"processes ({replicas}), so that every replica holds the same share"
         )
     if replicas > 1:  # before anything is written: a refused setting must not leave a half-made run behind
-        check_distributed_settings(build_optimizer(config, [nn.Parameter(torch.zeros(1))]),
+        check_distributed_settings({**BASE_OPTIMIZERS, **OPTIMIZERS}[config.optimizer],
                                    amp_fp16=config.amp == "fp16", sync_perturbation=config.sync_perturbation)
     if not resume and (config_path.exists() or state_path.exists()):
         raise FileExistsError(
