@@ -454,6 +454,24 @@ def _add_analysis_flags(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
 
+def _analysis_inputs(args: argparse.Namespace, name: str) -> tuple[Any, Any, Path, Any, Any]:
+    """``(device, run, out, split, dtype)`` of an analysis command; refuses to overwrite ``OUT/name.json``."""
+    import torch
+
+    from landscape._results import result_paths
+
+    from .trainer import load_run, resolve_device
+
+    device = resolve_device(args.device)
+    run = load_run(args.checkpoint, device=device)
+    out = args.out or run.run_dir
+    json_path, _ = result_paths(out, name)
+    if json_path.exists() and not args.overwrite:
+        raise FileExistsError(f"{json_path} already exists; pass --overwrite to replace it")
+    split = run.train if args.split == "train" else run.test
+    return device, run, out, split, {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+
+
 def _run_train(args: argparse.Namespace) -> int:
     config = _resolve_train_config(args)
     on_epoch_end = None
@@ -534,26 +552,16 @@ def _run_hessian(args: argparse.Namespace) -> int:
     import time
 
     import numpy as np
-    import torch
     import torch.nn.functional as F
 
     from landscape import hessian
-    from landscape._results import result_paths, save_results
+    from landscape._results import save_results
     from landscape.objective import Objective
-
-    from .trainer import load_run, resolve_device
 
     for flag in ("k", "trace_matvecs", "density_runs", "density_steps", "batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1; got {getattr(args, flag)}")
-    device = resolve_device(args.device)
-    run = load_run(args.checkpoint, device=device)
-    out = args.out or run.run_dir
-    json_path, _ = result_paths(out, "hessian")
-    if json_path.exists() and not args.overwrite:
-        raise FileExistsError(f"{json_path} already exists; pass --overwrite to replace it")
-    split = run.train if args.split == "train" else run.test
-    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    device, run, out, split, dtype = _analysis_inputs(args, "hessian")
     start = time.perf_counter()
     # Under torchrun each process holds a contiguous shard; one product is one all_reduce over them.
     mine = distributed.shard(len(split))
@@ -604,25 +612,15 @@ def _run_hessian(args: argparse.Namespace) -> int:
 def _run_sharpness(args: argparse.Namespace) -> int:
     import time
 
-    import torch
     import torch.nn.functional as F
 
-    from landscape._results import result_paths, save_results
+    from landscape._results import save_results
     from landscape.sharpness import measure_all, measure_columns, sharpness_objective
-
-    from .trainer import load_run, resolve_device
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     settings = _measure_settings(args)
-    device = resolve_device(args.device)
-    run = load_run(args.checkpoint, device=device)
-    out = args.out or run.run_dir
-    json_path, _ = result_paths(out, "sharpness")
-    if json_path.exists() and not args.overwrite:
-        raise FileExistsError(f"{json_path} already exists; pass --overwrite to replace it")
-    split = run.train if args.split == "train" else run.test
-    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    device, run, out, split, dtype = _analysis_inputs(args, "sharpness")
     start = time.perf_counter()
     objective = sharpness_objective(run.model, F.cross_entropy, (split.x, split.y), dtype=dtype, device=device,
                                     batch_size=args.batch_size)
