@@ -247,6 +247,7 @@ class Objective:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss, number correct]
         for weight, x, y in self._weights():
             out = self.forward(params, x, buffers)
+            out = out.to(torch.promote_types(out.dtype, torch.float32))  # a bf16/fp16 autocast output
             sums[0] += weight * self.loss_fn(out, y).double()
             if out.ndim == 2 and not y.is_floating_point():
                 sums[1] += (out.argmax(dim=1) == y).sum()

@@ -38,10 +38,11 @@ from tqdm.auto import tqdm
 from sam import distributed as _distributed
 from sam._io import atomic_write, atomic_write_json
 
-from .directions import difference, random_direction, random_plane
+from ._checks import check_int
+from .directions import _check_same_layout, difference, random_direction, random_plane
 from .objective import Data, LossFn, Objective, Params, _training_flags, evaluation_objective
 
-_EXAMPLE_POINTS_PER_CALL = 1024
+_CPU_EXAMPLE_POINTS_PER_CALL = 1024
 
 __all__ = ["SurfaceResult", "slice_1d", "slice_2d", "interpolate", "evaluate_points", "grid_points", "load"]
 
@@ -54,7 +55,8 @@ class SurfaceResult:
         coords: one 1-D array per axis.
         loss: loss at every grid point, shaped like the grid (``"ij"`` indexing: ``loss[i, j]`` is at
             ``(coords[0][i], coords[1][j])``).
-        accuracy: accuracy at every grid point, same shape.
+        accuracy: accuracy at every grid point, same shape; NaN when the targets are not class indices
+            (regression, soft labels).
         meta: the recipe (directions, ranges, data) and bookkeeping, as saved in the JSON file.
     """
 
@@ -71,34 +73,70 @@ def grid_points(coords: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _point_params(origin: Params, directions: list[Params], point: Tensor) -> Params:
-    """``w + sum_j a_j d_j`` for one point, or stacked along dim 0 for a ``(Q, d)`` block of points."""
+    """``w + sum_j a_j d_j`` at one point ``a`` (a 1-D tensor of coordinates)."""
     out = {}
     for name, w in origin.items():
-        if point.ndim == 1:
-            value = w.clone()
-            for a, d in zip(point, directions):
-                value = value + a * d[name]
-        else:
-            shape = (point.shape[0],) + (1,) * w.ndim
-            value = w.unsqueeze(0).expand(point.shape[0], *w.shape).clone()
-            for j, d in enumerate(directions):
-                value = value + point[:, j].reshape(shape) * d[name].unsqueeze(0)
+        value = w.clone()
+        for a, d in zip(point, directions):
+            value = value + a * d[name]
         out[name] = value
     return out
 
 
+def _moving(tensors: Params, directions: list[Params]) -> set[str]:
+    """The names of ``tensors`` along which some direction is nonzero (one device synchronisation)."""
+    names = list(tensors)
+    flags = torch.stack([torch.stack([d[name].any() for d in directions]).any() for name in names]).tolist() if names else []
+    return {name for name, flag in zip(names, flags) if flag}
+
+
+def _block_params(origin: Params, directions: list[Params], points: Tensor) -> tuple[Params, dict[str, int | None]]:
+    """``w + sum_j a_j d_j`` for a ``(Q, d)`` block of points, and the ``in_dims`` of ``torch.vmap`` for it.
+
+    A tensor that some direction moves is stacked along a new dim 0 (``in_dims`` 0). One that no direction
+    moves (with ``ignore="biasbn"``: every bias and BatchNorm parameter) is the same at every point and is
+    passed once, unstacked (``None``), as the buffers are: no ``Q`` copies in memory. (It barely changes the
+    time: vmap still batches a layer whose input is batched; 87.7 against 88.8 ms per point for the digits
+    CNN on 2 CPU cores, Q = 8.)
+    """
+    moving = _moving(origin, directions) or set(origin)  # vmap needs one stacked input; a zero direction has none
+    out, dims = {}, {}
+    for name, w in origin.items():
+        if name not in moving:
+            out[name], dims[name] = w, None
+            continue
+        shape = (points.shape[0],) + (1,) * w.ndim
+        value = w.unsqueeze(0).expand(points.shape[0], *w.shape).clone()
+        for j, d in enumerate(directions):
+            value = value + points[:, j].reshape(shape) * d[name].unsqueeze(0)
+        out[name], dims[name] = value, 0
+    return out, dims
+
+
 def _point_buffers(objective: Objective, buffer_directions: list[Params] | None, point: Tensor) -> Params | None:
-    """The buffers at a point (or a ``(Q, d)`` block): floating buffers moved along ``buffer_directions``
-    with the coordinates clamped to ``[0, 1]`` (between the endpoints only: extrapolated running variances
-    could turn negative), the others (e.g. ``num_batches_tracked``) kept; ``None`` keeps them all fixed."""
+    """The buffers at one point: floating buffers moved along ``buffer_directions`` with the coordinates
+    clamped to ``[0, 1]`` (between the endpoints only: extrapolated running variances could turn negative),
+    the others (e.g. ``num_batches_tracked``) kept; ``None`` keeps them all fixed."""
     if buffer_directions is None:
         return None
     moving = {k: b for k, b in objective.buffers.items() if k in buffer_directions[0]}
-    out = _point_params(moving, buffer_directions, point.clamp(0.0, 1.0))
-    for k, b in objective.buffers.items():
-        if k not in out:
-            out[k] = b if point.ndim == 1 else b.unsqueeze(0).expand(point.shape[0], *b.shape)
-    return out
+    return {**objective.buffers, **_point_params(moving, buffer_directions, point.clamp(0.0, 1.0))}
+
+
+def _block_buffers(
+    objective: Objective, buffer_directions: list[Params] | None, points: Tensor,
+) -> tuple[Params | None, dict[str, int | None] | None]:
+    """:func:`_point_buffers` for a ``(Q, d)`` block, with the ``in_dims`` as in :func:`_block_params`."""
+    if buffer_directions is None:
+        return None, None
+    moving = {k: b for k, b in objective.buffers.items() if k in buffer_directions[0]}
+    stacked, dims = _block_params(moving, buffer_directions, points.clamp(0.0, 1.0))
+    return {**objective.buffers, **stacked}, {**{k: None for k in objective.buffers}, **dims}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``dtype`` on ``device`` (both paths, so that a grid never mixes precisions); off for ``None``."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 @torch.no_grad()
@@ -107,19 +145,22 @@ def _evaluate_block(
     buffer_directions: list[Params] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Loss and number correct at a ``(Q, d)`` block of points, with one vmapped pass per data batch."""
-    stacked = _point_params(origin, directions, points)
-    buffers = _point_buffers(objective, buffer_directions, points)
+    stacked, param_dims = _block_params(origin, directions, points)
+    buffers, buffer_dims = _block_buffers(objective, buffer_directions, points)
     total = torch.zeros(points.shape[0], dtype=torch.float64, device=objective.device)
     correct = torch.zeros(points.shape[0], dtype=torch.long, device=objective.device)
-    autocast = torch.autocast(objective.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    # Q points multiply the activations by Q: cut the data so one call stays near 1024 example-points
-    # (measured on the CPU: 128 examples x 8 points ran 2.8x faster per point than 1437 x 8).
-    chunk = max(32, _EXAMPLE_POINTS_PER_CALL // points.shape[0])
+    autocast = _autocast(objective.device, autocast_dtype)
+    # On the CPU, Q points multiply each call's activations by Q: the data are cut so that one call stays
+    # near 1024 example-points, a cache-sized working set (measured: 128 examples x 8 points ran 2.8x
+    # faster per point than 1437 x 8). On a GPU the batch stays whole: Q was sized against its memory
+    # (_auto_points_per_pass, a pass over the whole first batch), and larger calls fill the device.
+    chunk = max(32, _CPU_EXAMPLE_POINTS_PER_CALL // points.shape[0]) if objective.device.type == "cpu" else None
     with _training_flags(objective.model, objective.train_mode), autocast:
         for weight, x, y in objective._weights():
-            for start in range(0, x.shape[0], chunk):
-                xs, ys = x[start : start + chunk], y[start : start + chunk]
-                out = torch.vmap(objective.forward, in_dims=(0, None, None if buffers is None else 0))(stacked, xs, buffers)
+            step = chunk or x.shape[0]
+            for start in range(0, x.shape[0], step):
+                xs, ys = x[start : start + step], y[start : start + step]
+                out = torch.vmap(objective.forward, in_dims=(param_dims, None, buffer_dims))(stacked, xs, buffers)
                 out = out.to(torch.promote_types(out.dtype, torch.float32))  # bf16 autocast outputs, not float64
                 losses = torch.vmap(objective.loss_fn, in_dims=(0, None))(out, ys)
                 total += (weight * xs.shape[0] / x.shape[0]) * losses.double()
@@ -149,10 +190,53 @@ def evaluate_points(
     pts = torch.as_tensor(points, dtype=objective.dtype, device=objective.device)
     if batched and pts.shape[0] > 1:
         loss, correct = _evaluate_block(objective, origin, directions, pts, autocast_dtype, buffer_directions)
-        return loss.cpu().numpy(), correct.cpu().numpy() / objective.n_examples
-    results = [objective.loss_and_accuracy(_point_params(origin, directions, p), _point_buffers(objective, buffer_directions, p))
-               for p in pts]
-    return np.array([r[0] for r in results]), np.array([r[1] for r in results])
+        loss, accuracy = loss.cpu().numpy(), correct.cpu().numpy() / objective.n_examples
+    else:
+        with _autocast(objective.device, autocast_dtype):
+            results = [objective.loss_and_accuracy(_point_params(origin, directions, p),
+                                                   _point_buffers(objective, buffer_directions, p)) for p in pts]
+        loss, accuracy = np.array([r[0] for r in results]), np.array([r[1] for r in results])
+    if objective.batches and objective.batches[0][1].is_floating_point():
+        accuracy = np.full_like(accuracy, np.nan)  # no classes to count
+    return loss, accuracy
+
+
+def _axis(name: str, steps: object, span: object) -> np.ndarray:
+    """``steps`` evenly spaced coordinates over ``span = (low, high)``, after checking both."""
+    steps = check_int(name.replace("span", "steps"), steps, 2)
+    try:
+        low, high = (float(v) for v in span)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair of numbers (low, high); got {span!r}") from None
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(f"{name} must be finite with low < high; got {span!r}")
+    return np.linspace(low, high, steps)
+
+
+def _is_number_pair(value: object) -> bool:
+    try:
+        return np.shape(value) == (2,) and np.asarray(value, dtype=float).shape == (2,)
+    except (TypeError, ValueError):
+        return False
+
+
+def _given_directions(objective: Objective, given: object, count: int, name: str) -> list[Params]:
+    """User-given directions on the objective's device and dtype, checked against its parameters."""
+    if isinstance(given, dict) or not isinstance(given, Sequence) or len(given) != count:
+        raise ValueError(f"{name} must be a tuple of {count} parameter dicts; got {type(given).__name__}"
+                         + (f" of length {len(given)}" if isinstance(given, Sequence) and not isinstance(given, dict) else ""))
+    for i, d in enumerate(given):
+        _check_same_layout("the model's trainable parameters", objective.params, f"{name}[{i}]" if count > 1 else name, d)
+    return [{k: d[k].to(objective.device, objective.dtype) for k in objective.params} for d in given]
+
+
+def _data_fingerprint(objective: Objective) -> str:
+    """SHA-256 of the objective's inputs and targets, independent of how they are batched."""
+    inputs, targets = hashlib.sha256(), hashlib.sha256()
+    for x, y in objective.batches:
+        for digest, t in ((inputs, x), (targets, y)):
+            digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return hashlib.sha256((inputs.hexdigest() + targets.hexdigest()).encode()).hexdigest()
 
 
 def _fingerprint(tensors: Sequence[Params]) -> str:
@@ -177,13 +261,22 @@ def _compute_surface(
     progress: bool,
     buffer_directions: list[Params] | None = None,
     distributed: bool = False,
+    info: dict[str, Any] | None = None,
 ) -> SurfaceResult:
     distributed = distributed and _distributed.active()
+    info = dict(info or {})
+    clash = sorted(set(info) & {"recipe", "points_done", "points_total"})
+    if clash:
+        raise ValueError(f"info may not set {clash}: the saved file keeps those")
     shape = tuple(len(c) for c in coords)
     points = grid_points(coords)
     loss = np.full(points.shape[0], np.nan)
     accuracy = np.full(points.shape[0], np.nan)
+    if autocast_dtype is not None and (autocast_dtype not in (torch.bfloat16, torch.float16) or objective.dtype != torch.float32):
+        raise ValueError(f"autocast_dtype must be torch.bfloat16 or torch.float16 with dtype float32 (autocast leaves "
+                         f"float64 alone); got autocast_dtype={autocast_dtype}, dtype={objective.dtype}")
     recipe = {**recipe, "coords": [c.tolist() for c in coords], "n_examples": objective.n_examples,
+              "data_sha256": _data_fingerprint(objective),
               "dtype": str(objective.dtype).removeprefix("torch."),
               "autocast": None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch.")}
     npz_path = json_path = None
@@ -203,9 +296,12 @@ def _compute_surface(
         stored, problem = _distributed.broadcast_object((stored, problem))
     if problem is not None:
         raise problem
+    done = np.zeros(points.shape[0], dtype=bool)
     if stored is not None:
-        loss, accuracy = stored
-    todo = np.flatnonzero(np.isnan(loss))
+        loss, accuracy, done = stored
+    if npz_path is not None and writer and (stored is None or not json_path.exists()):
+        _save(npz_path, json_path, loss.reshape(shape), accuracy.reshape(shape), done.reshape(shape), coords, recipe, info)
+    todo = np.flatnonzero(~done)
     if not batched:
         q = 1
     elif points_per_pass is not None:
@@ -225,36 +321,52 @@ def _compute_surface(
         else:
             values, accs = evaluate_points(objective, directions, points[index], batched=batched,
                                            autocast_dtype=autocast_dtype, buffer_directions=buffer_directions)
-        loss[index], accuracy[index] = values, accs
+        loss[index], accuracy[index], done[index] = values, accs, True
         if npz_path is not None and writer:
-            _save(npz_path, json_path, loss.reshape(shape), accuracy.reshape(shape), coords, recipe)
+            _save(npz_path, json_path, loss.reshape(shape), accuracy.reshape(shape), done.reshape(shape), coords, recipe, info)
         bar.update(index.size)
     bar.close()
-    return SurfaceResult([np.asarray(c) for c in coords], loss.reshape(shape), accuracy.reshape(shape), {"recipe": recipe})
+    return SurfaceResult([np.asarray(c) for c in coords], loss.reshape(shape), accuracy.reshape(shape),
+                         {"recipe": recipe, **info})
 
 
-def _read_saved(npz_path: Path, json_path: Path, recipe: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The flat loss and accuracy saved at ``npz_path`` under the same recipe; ``None`` if nothing is saved.
+def _read_saved(npz_path: Path, json_path: Path, recipe: dict[str, Any]) -> tuple[np.ndarray, ...] | None:
+    """The flat loss, accuracy and done-mask saved at ``npz_path`` under the same recipe; ``None`` if
+    nothing is saved. The ``.npz`` holds the recipe itself, so a run killed between writing it and its
+    ``.json`` resumes (and rewrites the ``.json``).
 
     Raises:
-        FileExistsError: only one of the pair exists.
+        FileExistsError: a lone ``.json``, or an ``.npz`` that is not a surface saved here.
         ValueError: the saved recipe differs (naming the keys).
     """
-    if npz_path.exists() != json_path.exists():
-        present = npz_path if npz_path.exists() else json_path
-        raise FileExistsError(f"{present} exists without its pair; move it away (it is not overwritten)")
     if not npz_path.exists():
+        if json_path.exists():
+            raise FileExistsError(f"{json_path} exists without its pair; move it away (it is not overwritten)")
         return None
-    saved = json.loads(json_path.read_text())
-    if saved.get("recipe") != recipe:
-        differing = sorted(k for k in set(saved.get("recipe", {})) | set(recipe)
-                           if saved.get("recipe", {}).get(k) != recipe.get(k))
+    saved = _read_npz(npz_path)
+    if saved is None:
+        raise FileExistsError(f"{npz_path} is not a surface saved by this version of landscape.surface; move it away "
+                              "(it is not overwritten)")
+    loss, accuracy, done, saved_recipe = saved
+    if saved_recipe != recipe:
+        differing = sorted(k for k in set(saved_recipe) | set(recipe) if saved_recipe.get(k) != recipe.get(k))
         raise ValueError(
             f"{npz_path} holds a surface with a different recipe (differs in {differing}); "
             "choose another path, or delete the file to start again"
         )
-    with np.load(npz_path) as stored:
-        return stored["loss"].ravel().copy(), stored["accuracy"].ravel().copy()
+    return loss.ravel(), accuracy.ravel(), done.ravel()
+
+
+def _read_npz(npz_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]] | None:
+    """``(loss, accuracy, done, recipe)`` from a saved ``.npz``; ``None`` if it is not one of ours."""
+    try:
+        with np.load(npz_path) as stored:
+            if not {"loss", "accuracy", "done", "recipe"} <= set(stored.files):
+                return None
+            return (stored["loss"].copy(), stored["accuracy"].copy(), stored["done"].astype(bool),
+                    json.loads(str(stored["recipe"])))
+    except (OSError, ValueError, json.JSONDecodeError):  # not an npz (zip) file, or a foreign recipe
+        return None
 
 
 def _evaluate_shared(
@@ -286,8 +398,8 @@ def _auto_points_per_pass(objective: Objective, directions: list[Params], autoca
 
     On a GPU: the peak memory of a two-point pass over the first batch, measured, against half the free
     memory, capped at 256. On the CPU: 1, the plain loop. There a forward pass is compute-bound and every
-    point needs its own convolutions; in ``benchmarks/bench_surface.py`` (digits CNN, 21 x 21) vmapped
-    blocks took 24-26 s against 21-28 s for the loop, not reliably faster.
+    point needs its own convolutions; in ``benchmarks/bench_surface.py`` (digits CNN, 21 x 21, four runs)
+    vmapped blocks ran at 0.58-1.17x the loop's speed, 0.75-0.80x in the latest.
     """
     device = objective.device
     if device.type != "cuda":
@@ -296,26 +408,25 @@ def _auto_points_per_pass(objective: Objective, directions: list[Params], autoca
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     start = torch.cuda.memory_allocated(device)
-    probe = _point_params(objective.params, directions, torch.zeros(2, len(directions), dtype=objective.dtype, device=device))
-    autocast = torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    probe, dims = _block_params(objective.params, directions, torch.zeros(2, len(directions), dtype=objective.dtype, device=device))
+    autocast = _autocast(device, autocast_dtype)
     with torch.no_grad(), _training_flags(objective.model, objective.train_mode), autocast:
-        torch.vmap(objective.forward, in_dims=(0, None))(probe, x)
+        torch.vmap(objective.forward, in_dims=(dims, None))(probe, x)
     torch.cuda.synchronize(device)
     per_point = max((torch.cuda.max_memory_allocated(device) - start) / 2, 1)
     free, _ = torch.cuda.mem_get_info(device)
     return int(min(256, max(1, 0.5 * free // per_point)))
 
 
-def _save(npz_path: Path, json_path: Path, loss: np.ndarray, accuracy: np.ndarray, coords: list[np.ndarray],
-          recipe: dict[str, Any]) -> None:
-    arrays = {"loss": loss, "accuracy": accuracy, **{f"coords_{i}": c for i, c in enumerate(coords)}}
-
-    def write(f: Any) -> None:
-        np.savez(f, **arrays)
-
-    atomic_write(npz_path, write)
-    done = int(np.count_nonzero(~np.isnan(loss)))
-    atomic_write_json(json_path, {"recipe": recipe, "points_done": done, "points_total": int(loss.size)})
+def _save(npz_path: Path, json_path: Path, loss: np.ndarray, accuracy: np.ndarray, done: np.ndarray,
+          coords: list[np.ndarray], recipe: dict[str, Any], info: dict[str, Any]) -> None:
+    """The grid so far, atomically: ``.npz`` (values, done-mask, coordinates and the recipe), then a
+    ``.json`` with the recipe, progress and ``info``. Points not done hold NaN."""
+    arrays = {"loss": loss, "accuracy": accuracy, "done": done, "recipe": np.array(json.dumps(recipe)),
+              **{f"coords_{i}": c for i, c in enumerate(coords)}}
+    atomic_write(npz_path, lambda f: np.savez(f, **arrays))
+    atomic_write_json(json_path, {"recipe": recipe, "points_done": int(np.count_nonzero(done)),
+                                  "points_total": int(done.size), **info})
 
 
 def slice_1d(
@@ -339,26 +450,30 @@ def slice_1d(
     model_id: str | None = None,
     progress: bool = True,
     distributed: bool = False,
+    info: dict[str, Any] | None = None,
 ) -> SurfaceResult:
     """``L(w + alpha d)`` for ``steps`` values of ``alpha`` in ``span`` (Li et al. 2018, Sec. 4).
 
     ``direction`` defaults to a seeded Gaussian direction with filter normalisation and zero on
     biases/BatchNorm parameters (``norm``, ``ignore``: :func:`landscape.directions.normalize_direction`).
-    ``model_id`` (e.g. the checkpoint's SHA-256) is part of the saved recipe. ``distributed=True``: every
+    ``model_id`` (e.g. the checkpoint's SHA-256) is part of the saved recipe, and so are the data's SHA-256
+    and, when ``model_id`` is not given, that of the parameters and buffers. ``info`` (a JSON-able dict,
+    e.g. the eigenvalues of given Hessian directions) is saved in the ``.json`` beside the recipe from the
+    first write on and returned in ``meta``. ``distributed=True``: every
     process of a ``torchrun`` job makes this call and evaluates its share of the points (module docstring).
     """
+    coords = [_axis("span", steps, span)]
     objective = evaluation_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
     if direction is None:
         direction = random_direction(objective.params, seed=seed, norm=norm, ignore=ignore)
         recipe = {"kind": "random", "seed": seed, "norm": norm, "ignore": ignore}
     else:
-        direction = {k: v.to(objective.device, objective.dtype) for k, v in direction.items()}
+        [direction] = _given_directions(objective, [direction], 1, "direction")
         recipe = {"kind": "given", "directions_sha256": _fingerprint([direction])}
-    recipe["model"] = model_id or _fingerprint([objective.params])
-    coords = [np.linspace(span[0], span[1], steps)]
+    recipe["model"] = model_id or _fingerprint([objective.params, objective.buffers])
     return _compute_surface(objective, [direction], coords, recipe, path=path, batched=batched,
                             points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress,
-                            distributed=distributed)
+                            distributed=distributed, info=info)
 
 
 def slice_2d(
@@ -383,27 +498,34 @@ def slice_2d(
     model_id: str | None = None,
     progress: bool = True,
     distributed: bool = False,
+    info: dict[str, Any] | None = None,
 ) -> SurfaceResult:
     """``L(w + alpha d1 + beta d2)`` on a ``steps[0] x steps[1]`` grid (Li et al. 2018, Sec. 4 and 6).
 
     ``directions`` default to two seeded filter-normalised Gaussian directions
     (:func:`landscape.directions.random_plane`); the SGD and SAM minima get the same recipe when called
     with the same ``seed``, ``norm`` and ``ignore``. ``result.loss[i, j]`` is at
-    ``(coords[0][i], coords[1][j])``. ``distributed=True``: the points are split across the processes of
+    ``(coords[0][i], coords[1][j])``. ``steps=n`` and ``span=(low, high)`` apply to both axes. The saved
+    recipe and ``info``: as in :func:`slice_1d`. ``distributed=True``: the points are split across the processes of
     a ``torchrun`` job, every one of which makes this call (module docstring).
     """
+    steps = (steps, steps) if np.ndim(steps) == 0 else steps  # one number: the same on both axes
+    span = (span, span) if _is_number_pair(span) else span
+    if np.ndim(steps) != 1 or len(steps) != 2 or not (isinstance(span, (Sequence, np.ndarray)) and len(span) == 2):
+        raise ValueError(f"steps must be (n1, n2) or n, and span ((low1, high1), (low2, high2)) or (low, high); "
+                         f"got steps={steps!r}, span={span!r}")
+    coords = [_axis("span[0]", steps[0], span[0]), _axis("span[1]", steps[1], span[1])]
     objective = evaluation_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
     if directions is None:
         directions = random_plane(objective.params, seed=seed, norm=norm, ignore=ignore, orthogonal=orthogonal)
         recipe = {"kind": "random", "seed": seed, "norm": norm, "ignore": ignore, "orthogonal": orthogonal}
     else:
-        directions = tuple({k: v.to(objective.device, objective.dtype) for k, v in d.items()} for d in directions)
+        directions = _given_directions(objective, directions, 2, "directions")
         recipe = {"kind": "given", "directions_sha256": _fingerprint(list(directions))}
-    recipe["model"] = model_id or _fingerprint([objective.params])
-    coords = [np.linspace(span[0][0], span[0][1], steps[0]), np.linspace(span[1][0], span[1][1], steps[1])]
+    recipe["model"] = model_id or _fingerprint([objective.params, objective.buffers])
     return _compute_surface(objective, list(directions), coords, recipe, path=path, batched=batched,
                             points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress,
-                            distributed=distributed)
+                            distributed=distributed, info=info)
 
 
 def interpolate(
@@ -424,6 +546,7 @@ def interpolate(
     progress: bool = True,
     buffers: str = "interpolate",
     distributed: bool = False,
+    info: dict[str, Any] | None = None,
 ) -> SurfaceResult:
     """``L(w_a + t (w_b - w_a))`` for ``t`` in ``span`` (Goodfellow et al. 2015; Li et al. 2018, Sec. 3).
 
@@ -436,13 +559,14 @@ def interpolate(
     """
     if buffers not in ("interpolate", "a"):
         raise ValueError(f"buffers must be 'interpolate' or 'a'; got {buffers!r}")
+    coords = [_axis("span", steps, span)]
     objective = evaluation_objective(model_a, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
     other = {name: p.detach().to(objective.device, objective.dtype) for name, p in model_b.named_parameters() if p.requires_grad}
     if set(other) != set(objective.params):
         raise ValueError("model_a and model_b must have the same parameters (names and shapes)")
     direction = difference(other, objective.params)
     buffer_directions = None
-    fingerprinted = [objective.params, other]
+    fingerprinted = [objective.params, other, objective.buffers]
     if buffers == "interpolate":
         theirs = {name: b.detach().to(objective.device) for name, b in model_b.named_buffers()}
         moving = [k for k, b in objective.buffers.items() if b.is_floating_point()]
@@ -453,24 +577,30 @@ def interpolate(
         fingerprinted.append(buffer_directions[0])
     recipe = {"kind": "interpolation", "models": _fingerprint(fingerprinted),
               "buffers": "interpolate, clamped to [0, 1]" if buffers == "interpolate" else buffers}
-    coords = [np.linspace(span[0], span[1], steps)]
     return _compute_surface(objective, [direction], coords, recipe, path=path, batched=batched,
                             points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress,
-                            buffer_directions=buffer_directions, distributed=distributed)
+                            buffer_directions=buffer_directions, distributed=distributed, info=info)
 
 
 def load(path: str | Path) -> SurfaceResult:
     """A surface saved with ``path=`` (``PATH.npz`` + ``PATH.json``), e.g. by ``sam-landscape surface``.
 
+    ``meta`` is the ``.json`` (recipe, progress and any ``info``); points not yet evaluated hold NaN.
+
     Raises:
-        FileNotFoundError: either file is missing.
+        FileNotFoundError: the ``.npz`` is missing.
+        ValueError: it is not a surface saved by this module.
     """
     path = Path(path)
     npz_path, json_path = path.with_suffix(".npz"), path.with_suffix(".json")
-    for p in (npz_path, json_path):
-        if not p.exists():
-            raise FileNotFoundError(f"{p} not found: no saved surface at {path}")
-    meta = json.loads(json_path.read_text())
+    if not npz_path.exists():
+        raise FileNotFoundError(f"{npz_path} not found: no saved surface at {path}")
+    saved = _read_npz(npz_path)
+    if saved is None:
+        raise ValueError(f"{npz_path} is not a surface saved by landscape.surface")
+    loss, accuracy, done, recipe = saved
+    meta = json.loads(json_path.read_text()) if json_path.exists() else {
+        "recipe": recipe, "points_done": int(np.count_nonzero(done)), "points_total": int(done.size)}
     with np.load(npz_path) as stored:
-        coords = [stored[f"coords_{i}"] for i in range(len([k for k in stored.files if k.startswith("coords_")]))]
-        return SurfaceResult(coords, stored["loss"], stored["accuracy"], meta)
+        coords = [stored[f"coords_{i}"] for i in range(loss.ndim)]
+    return SurfaceResult(coords, loss, accuracy, meta)

@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="loss surface around a trained model: filter-normalised 1D/2D slices or an interpolation",
         description="Loss and accuracy on a 1D or 2D slice through the weights along seeded filter-normalised "
         "random directions (Li et al. 2018), or along the line to another model (--interpolate). The grid is "
-        "saved as it fills (surface_1d/surface_2d/interpolation .npz + .json) and a rerun resumes it.",
+        "saved as it fills (surface_1d/surface_2d/interpolation .npz + .json, with a _test suffix for "
+        "--split test) and a rerun resumes it.",
         formatter_class=_HelpFormatter,
     )
     surface_parser.add_argument("checkpoint", type=Path, help="run directory, or a model.pt / snapshot inside one")
@@ -229,10 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     surface_parser.add_argument("--steps", type=int, default=51, help="grid points per axis")
     surface_parser.add_argument("--span", type=float, nargs=2, default=[-1.0, 1.0], metavar=("LOW", "HIGH"),
                                 help="range of each coordinate (interpolation: of t)")
-    surface_parser.add_argument("--norm", choices=["filter", "layer", "model", "none"], default="filter",
-                                help="direction normalisation")
-    surface_parser.add_argument("--ignore", choices=["biasbn", "none"], default="biasbn",
-                                help="biasbn: zero direction on biases and norm parameters")
+    surface_parser.add_argument("--norm", choices=["filter", "layer", "model", "none"], default=None,
+                                help="normalisation of random directions (default filter)")
+    surface_parser.add_argument("--ignore", choices=["biasbn", "none"], default=None,
+                                help="random directions: biasbn (default) zeroes them on biases and norm parameters")
     surface_parser.add_argument("--orthogonal", action="store_true", help="orthogonalise the second direction")
     surface_parser.add_argument("--directions", choices=["random", "hessian", "pca"], default="random",
                                 help="random: seeded filter-normalised; hessian: top Hessian eigenvectors; "
@@ -677,6 +678,7 @@ def _run_surface(args: argparse.Namespace) -> int:
         raise ValueError("--steps must be >= 2, --points-per-pass and --batch-size >= 1")
     if args.compare is not None and args.interpolate is not None:
         raise ValueError("use either --compare or --interpolate, not both")
+    _check_direction_flags(args)
     device = resolve_device(args.device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     main_process = distributed.is_main()
@@ -689,36 +691,38 @@ def _run_surface(args: argparse.Namespace) -> int:
         runs.append(load_run(args.compare, device=device))
     if args.interpolate is not None:
         other = load_run(args.interpolate, device=device)
-        names, todo = ["interpolation"], [runs[0]]
+        todo = [runs[0]]
     else:
-        names, todo = [f"surface_{args.dim}d"], runs
-    for run in todo:
+        todo = runs
+    # one file per kind and split: surface_2d.npz (train), surface_2d_test.npz, interpolation_test.npz, ...
+    name = ("interpolation" if args.interpolate is not None else f"surface_{args.dim}d") + (
+        "_test" if args.split == "test" else "")
+    labels = [run.run_dir.name for run in todo]
+    if len(set(labels)) < len(labels):  # --compare a/seed0 b/seed0 --out DIR: keep the two apart
+        labels = [f"{i}-{label}" for i, label in enumerate(labels)]
+    for run, label in zip(todo, labels):
         out = args.out if args.out is not None else run.run_dir
         if args.out is not None and len(todo) > 1:
-            out = args.out / run.run_dir.name
-        path = Path(out) / names[0]
+            out = args.out / label
+        path = Path(out) / name
         if args.overwrite and main_process:
-            for suffix in (".npz", ".json"):
+            for suffix in (".npz", ".json", ".directions.pt"):
                 path.with_suffix(suffix).unlink(missing_ok=True)
         distributed.barrier()
         split = run.train if args.split == "train" else run.test
         data = (split.x, split.y)
-        given, extra = _surface_directions(args, run, data, dtype, device)
-        if given is not None:
+        if args.interpolate is not None:
+            result = surface.interpolate(run.model, other.model, F.cross_entropy, data, steps=args.steps,
+                                         span=tuple(args.span), path=path, buffers=args.interpolate_buffers, **common)
+        elif args.directions != "random":
+            given, info = _given_surface_directions(args, run, data, dtype, device, path)
             result = (surface.slice_1d(run.model, F.cross_entropy, data, given[0], steps=args.steps,
-                                       span=tuple(args.span), path=path, model_id=run.checkpoint_sha256, **common)
+                                       span=tuple(args.span), path=path, model_id=run.checkpoint_sha256,
+                                       info={args.directions: info}, **common)
                       if args.dim == 1 else
                       surface.slice_2d(run.model, F.cross_entropy, data, tuple(given), steps=(args.steps, args.steps),
                                        span=(tuple(args.span), tuple(args.span)), path=path,
-                                       model_id=run.checkpoint_sha256, **common))
-            if extra and main_process:
-                from sam._io import atomic_write_json
-
-                saved = json.loads(path.with_suffix(".json").read_text())
-                atomic_write_json(path.with_suffix(".json"), {**saved, args.directions: extra})
-        elif args.interpolate is not None:
-            result = surface.interpolate(run.model, other.model, F.cross_entropy, data, steps=args.steps,
-                                         span=tuple(args.span), path=path, buffers=args.interpolate_buffers, **common)
+                                       model_id=run.checkpoint_sha256, info={args.directions: info}, **common))
         elif args.dim == 1:
             result = surface.slice_1d(run.model, F.cross_entropy, data, steps=args.steps, span=tuple(args.span),
                                       seed=args.seed, norm=args.norm, ignore=args.ignore, path=path,
@@ -735,10 +739,49 @@ def _run_surface(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_direction_flags(args: argparse.Namespace) -> None:
+    """Refuses the random-direction flags where they would be ignored, then fills in their defaults."""
+    random_slice = args.interpolate is None and args.directions == "random"
+    where = "--interpolate" if args.interpolate is not None else f"--directions {args.directions}"
+    for flag, value in (("--norm", args.norm), ("--ignore", args.ignore), ("--orthogonal", args.orthogonal or None)):
+        if value is not None and not random_slice:
+            raise ValueError(f"{flag} shapes random directions only; it has no effect with {where}")
+    if args.orthogonal and args.dim == 1:
+        raise ValueError("--orthogonal needs two directions (--dim 2)")
+    args.norm = args.norm or "filter"
+    args.ignore = args.ignore or "biasbn"
+
+
+def _given_surface_directions(
+    args: argparse.Namespace, run: Any, data: Any, dtype: Any, device: Any, path: Path,
+) -> tuple[list, dict]:
+    """Hessian or PCA directions and what to save about them, computed once per surface file.
+
+    They are kept in ``PATH.directions.pt`` beside the grid: a resumed run reads them back instead of
+    running Lanczos (or the PCA) again, whose last bits may differ on a GPU and would then not match the
+    SHA-256 of the directions in the saved recipe.
+    """
+    import torch
+
+    from ._io import atomic_torch_save
+
+    store = path.with_suffix(".directions.pt")
+    settings = {"directions": args.directions, "dim": args.dim, "seed": args.seed, "split": args.split,
+                "dtype": args.dtype, "checkpoint_sha256": run.checkpoint_sha256}
+    if store.exists() and path.with_suffix(".npz").exists():
+        saved = torch.load(store, map_location=device, weights_only=True)
+        if saved.get("settings") == settings:
+            return [{k: v.to(dtype) for k, v in d.items()} for d in saved["directions"]], saved["info"]
+        # other settings: computed afresh, and the surface's recipe check names what differs
+    given, info = _surface_directions(args, run, data, dtype, device)
+    if distributed.is_main() and not path.with_suffix(".npz").exists():
+        atomic_torch_save({"directions": [dict(d) for d in given], "info": info, "settings": settings}, store)
+    distributed.barrier()
+    return list(given), info
+
+
 def _surface_directions(args: argparse.Namespace, run: Any, data: Any, dtype: Any, device: Any) -> tuple[Any, dict]:
-    """Directions for --directions hessian/pca (None for random: the surface functions draw them)."""
-    if args.directions == "random" or args.interpolate is not None:
-        return None, {}
+    """The directions for --directions hessian or pca, and what the JSON records about them."""
     import torch
     import torch.nn.functional as F
 
@@ -748,8 +791,8 @@ def _surface_directions(args: argparse.Namespace, run: Any, data: Any, dtype: An
     if args.directions == "hessian":
         mine = distributed.shard(len(data[0]))
         eig = hessian.top_eigenvalues(run.model, F.cross_entropy, (data[0][mine], data[1][mine]), k=args.dim,
-                                      dtype=dtype, device=device, batch_size=args.batch_size, progress=args.progress,
-                                      distributed=True)
+                                      seed=args.seed, dtype=dtype, device=device, batch_size=args.batch_size,
+                                      progress=args.progress, distributed=True)
         return dirs.eigenvector_directions(eig.eigenvectors), {"eigenvalues": eig.eigenvalues.tolist()}
     snapshots = sorted((run.run_dir / "snapshots").glob("epoch_*.pt"))
     if len(snapshots) < args.dim + 1:

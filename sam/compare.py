@@ -220,7 +220,7 @@ def compare(
     surfaces = {label: surface.load(d / "surface_2d") for label, d in zip(labels, dirs)}
     slices = {label: surface.load(d / "surface_1d") for label, d in zip(labels, dirs)}
     path_train = surface.load(out / "analyses" / "interpolation-train" / "interpolation")
-    path_test = surface.load(out / "analyses" / "interpolation-test" / "interpolation")
+    path_test = surface.load(out / "analyses" / "interpolation-test" / "interpolation_test")
     hessians = [load_hessian(d) for d in dirs]
     sharpness = [json.loads((d / "sharpness.json").read_text()) for d in dirs]
     metrics = [load_metrics(run) for run in runs]

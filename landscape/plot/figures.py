@@ -43,6 +43,7 @@ __all__ = [
     "save_figure",
     "surface_3d",
     "surface_contours",
+    "trajectory_in_plane",
     "slices_1d",
     "interpolation",
     "hessian_data",
@@ -112,6 +113,23 @@ def save_figure(fig: Figure, stem: str | Path, formats: Sequence[str] = ("png", 
     return paths
 
 
+def trajectory_in_plane(surface: Any, given: Any = None) -> np.ndarray | None:
+    """A training path's ``(m, 2)`` coordinates in ``surface``'s plane: ``given``, else the PCA path saved
+    with the surface (``surface.meta["pca"]["coordinates"]``), else ``None``.
+
+    Raises:
+        ValueError: the coordinates are not an ``(m, 2)`` array.
+    """
+    if given is None:
+        given = (getattr(surface, "meta", None) or {}).get("pca", {}).get("coordinates")
+    if given is None:
+        return None
+    path = np.asarray(given, dtype=float)
+    if path.ndim != 2 or path.shape[1] != 2 or not len(path):
+        raise ValueError(f"a trajectory must be (m, 2) coordinates in the plane; got shape {path.shape}")
+    return path
+
+
 def _check_2d(surfaces: Mapping[str, Any]) -> None:
     if not surfaces:
         raise ValueError("pass at least one surface, e.g. {'SGD': sgd_surface, 'SAM': sam_surface}")
@@ -158,9 +176,15 @@ def surface_3d(surfaces: Mapping[str, Any], *, zmax: float | None = None, elevat
 
 
 def surface_contours(surfaces: Mapping[str, Any], *, levels: int = 12, zmax: float | None = None,
-                     width: float = TWO_COLUMN) -> Figure:
-    """Contour plots of the loss, one panel per model, shared levels of ``log(min(L, zmax) + 0.1)``."""
+                     trajectories: Mapping[str, Any] | None = None, width: float = TWO_COLUMN) -> Figure:
+    """Contour plots of the loss, one panel per model, shared levels of ``log(min(L, zmax) + 0.1)``.
+
+    ``trajectories`` (label -> ``(m, 2)`` coordinates in the plane) draws a training path on a panel, as
+    in Li et al. 2018, Fig. 9; by default a surface along PCA directions saved by ``sam-landscape surface
+    --directions pca`` draws its own (``meta["pca"]["coordinates"]``). The axes keep the grid's extent.
+    """
     _check_2d(surfaces)
+    paths = {label: trajectory_in_plane(s, (trajectories or {}).get(label)) for label, s in surfaces.items()}
     cap = _shared_zmax(surfaces, zmax)
     zs = {label: surface_z(s.loss, cap) for label, s in surfaces.items()}
     lo, hi = min(float(np.nanmin(z)) for z in zs.values()), float(np.log(cap + 0.1))
@@ -174,6 +198,12 @@ def surface_contours(surfaces: Mapping[str, Any], *, levels: int = 12, zmax: flo
                                linestyles="solid")
             ax.clabel(lines, fmt=lambda v: f"{np.exp(v) - 0.1:.2g}", fontsize=5)
             ax.plot([0], [0], marker="*", color="k", markersize=6, linestyle="none")
+            if paths[label] is not None:
+                path = paths[label]
+                ax.plot(path[:, 0], path[:, 1], color="k", marker="o", markersize=1.5, linewidth=0.7, label="training path")
+                ax.plot(path[:1, 0], path[:1, 1], marker="o", markersize=4, markerfacecolor="white", color="k",
+                        linestyle="none")
+                ax.set(xlim=(s.coords[0][0], s.coords[0][-1]), ylim=(s.coords[1][0], s.coords[1][-1]))
             ax.set(xlabel=r"$\alpha$ (direction 1)", ylabel=r"$\beta$ (direction 2)", title=label, aspect="equal")
             ax.grid(False)
         fig.colorbar(filled, ax=list(axes), label=r"$\log(\min(L, z_{max}) + 0.1)$", shrink=0.9)

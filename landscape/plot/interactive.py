@@ -13,7 +13,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .figures import PALETTE, _check_2d, _shared_zmax, surface_z
+from .figures import PALETTE, _check_2d, _shared_zmax, surface_z, trajectory_in_plane
 
 __all__ = [
     "surface_3d",
@@ -60,8 +60,10 @@ def surface_3d(surfaces: Mapping[str, Any], *, zmax: float | None = None) -> go.
     return _finish(fig, "Loss surfaces (same directions, shared z-range)", height=480)
 
 
-def surface_contours(surfaces: Mapping[str, Any], *, zmax: float | None = None) -> go.Figure:
-    """Contour plots of ``log(min(L, zmax) + 0.1)``, one panel per model, shared levels."""
+def surface_contours(surfaces: Mapping[str, Any], *, zmax: float | None = None,
+                     trajectories: Mapping[str, Any] | None = None) -> go.Figure:
+    """Contour plots of ``log(min(L, zmax) + 0.1)``, one panel per model, shared levels; training paths
+    as in :func:`landscape.plot.figures.surface_contours` (given, or the PCA path saved with a surface)."""
     _check_2d(surfaces)
     cap = _shared_zmax(surfaces, zmax)
     zs = {label: surface_z(s.loss, cap) for label, s in surfaces.items()}
@@ -70,6 +72,12 @@ def surface_contours(surfaces: Mapping[str, Any], *, zmax: float | None = None) 
     for i, (label, s) in enumerate(surfaces.items()):
         fig.add_trace(go.Contour(x=s.coords[0], y=s.coords[1], z=zs[label].T, zmin=lo, zmax=hi, colorscale="RdBu_r",
                                  name=label, showscale=i == 0, contours={"showlabels": True}), row=1, col=i + 1)
+        path = trajectory_in_plane(s, (trajectories or {}).get(label))
+        if path is not None:
+            fig.add_trace(go.Scatter(x=path[:, 0], y=path[:, 1], mode="lines+markers", name=f"{label}: training path",
+                                     line={"color": "black", "width": 1}, marker={"size": 4}), row=1, col=i + 1)
+            fig.update_xaxes(range=[s.coords[0][0], s.coords[0][-1]], row=1, col=i + 1)
+            fig.update_yaxes(range=[s.coords[1][0], s.coords[1][-1]], row=1, col=i + 1)
         fig.update_xaxes(title_text="alpha (direction 1)", row=1, col=i + 1)
         fig.update_yaxes(title_text="beta (direction 2)", row=1, col=i + 1, scaleanchor=f"x{i + 1 if i else ''}")
     return _finish(fig, "Loss contours")

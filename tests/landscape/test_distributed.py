@@ -93,13 +93,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]
     workdir = tmp_path_factory.mktemp("distributed-analysis")
     reference = _surface(workdir / "partial")  # a finished single-process file, then half of it undone
     stored = dict(np.load(workdir / "partial.npz"))
-    loss = stored["loss"].ravel()
-    loss[1::2] = np.nan
+    loss, done = stored["loss"].ravel(), stored["done"].ravel()
+    loss[1::2], done[1::2] = np.nan, False
     loss[0] = 123.0  # a sentinel: a finished point must be read back, not recomputed
-    stored["loss"] = loss.reshape(GRID)
+    stored["loss"], stored["done"] = loss.reshape(GRID), done.reshape(GRID)
     np.savez(workdir / "partial.npz", **stored)
     (workdir / "broken.json").write_text((workdir / "partial.json").read_text())  # the same recipe ...
-    np.savez(workdir / "broken.npz", other=np.zeros(1))  # ... beside an array file without the loss
+    np.savez(workdir / "broken.npz", other=np.zeros(1))  # ... beside an array file that is not a surface
     return run_processes(_worker, WORLD, workdir, timeout=600), workdir, reference.loss
 
 
@@ -187,4 +187,4 @@ def _dense_hessian() -> torch.Tensor:
 
 
 def test_a_file_only_rank_zero_fails_to_read_fails_every_rank(ranks: list[dict[str, Any]]) -> None:
-    assert [r["broken_error"] for r in ranks] == ["KeyError", "KeyError"]
+    assert [r["broken_error"] for r in ranks] == ["FileExistsError", "FileExistsError"]

@@ -70,6 +70,24 @@ def test_contours_share_levels_and_label_their_axes():
         assert ax.get_xlim() == pytest.approx((-1, 1)) and ax.get_ylim() == pytest.approx((-1, 1))
 
 
+def test_contours_draw_a_training_path_given_or_saved_with_a_pca_surface():
+    path = np.array([[0.9, -0.6], [0.5, -0.2], [0.2, 0.1], [0.0, 0.0]])
+    saved = bowl(2.0)
+    saved.meta = {"pca": {"coordinates": path.tolist(), "explained_variance_ratio": [0.8, 0.1]}}
+    fig = figures.surface_contours({"SGD": bowl(8.0), "SAM": saved}, trajectories={"SGD": path[::-1] * 0.5})
+    sgd, sam = (ax for ax in fig.axes if ax.get_title() in SURFACES)
+    drawn = {ax.get_title(): [l for l in ax.get_lines() if l.get_label() == "training path"] for ax in (sgd, sam)}
+    np.testing.assert_allclose(np.column_stack(drawn["SAM"][0].get_data()), path)
+    np.testing.assert_allclose(np.column_stack(drawn["SGD"][0].get_data()), path[::-1] * 0.5)
+    assert sam.get_xlim() == pytest.approx((-1, 1)) and sam.get_ylim() == pytest.approx((-1, 1))
+    assert not [l for l in figures.surface_contours(SURFACES).axes[0].get_lines() if l.get_label() == "training path"]
+    web = interactive.surface_contours({"SAM": saved})
+    assert [t.type for t in web.data] == ["contour", "scatter"]
+    np.testing.assert_allclose(np.column_stack([web.data[1].x, web.data[1].y]), path)
+    with pytest.raises(ValueError, match=r"\(m, 2\) coordinates in the plane; got shape \(4,\)"):
+        figures.surface_contours({"SAM": bowl(2.0)}, trajectories={"SAM": path[:, 0]})
+
+
 def test_slices_and_interpolation_plot_the_given_data():
     fig = figures.slices_1d(SLICES)
     loss_ax, acc_ax = fig.axes

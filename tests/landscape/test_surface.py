@@ -44,12 +44,17 @@ def test_quadratic_model_gives_the_closed_form_surface():
     point = w.numpy()[None, None, :] + a[..., None] * d1["w"].numpy() + b[..., None] * d2["w"].numpy()
     assert result.loss.shape == (5, 7)
     np.testing.assert_allclose(result.loss, (point**2).sum(-1), rtol=1e-12)
+    batched = surface.slice_2d(Quadratic(w), mse, data, directions=(d1, d2), steps=(5, 7), points_per_pass=6,
+                               progress=False)
+    np.testing.assert_allclose(batched.loss, (point**2).sum(-1), rtol=1e-12)
+    assert np.isnan(result.accuracy).all() and np.isnan(batched.accuracy).all()  # regression: no accuracy
 
 
-def test_centre_of_a_slice_equals_the_models_loss_and_batched_equals_one_at_a_time():
+@pytest.mark.parametrize("ignore", ["biasbn", "none"])
+def test_centre_of_a_slice_equals_the_models_loss_and_batched_equals_one_at_a_time(ignore):
     model = small_cnn()
     data = cnn_data(n=40)
-    kwargs = dict(steps=(5, 5), seed=3, dtype=F64, batch_size=16, progress=False)
+    kwargs = dict(steps=(5, 5), seed=3, dtype=F64, batch_size=16, ignore=ignore, progress=False)
     batched = surface.slice_2d(model, F.cross_entropy, data, points_per_pass=7, **kwargs)
     plain = surface.slice_2d(model, F.cross_entropy, data, batched=False, **kwargs)
     np.testing.assert_allclose(batched.loss, plain.loss, rtol=1e-6, atol=1e-12)
@@ -61,6 +66,43 @@ def test_centre_of_a_slice_equals_the_models_loss_and_batched_equals_one_at_a_ti
     assert not np.allclose(batched.loss, batched.loss[2, 2])
 
 
+def test_cpu_chunks_of_a_batch_are_weighted_like_the_whole_batch(monkeypatch):
+    model = small_cnn()
+    data = cnn_data(n=45)  # one batch of 45, cut into calls of 32 and 13 examples
+    kwargs = dict(steps=(3, 3), seed=5, dtype=F64, batch_size=45, progress=False)
+    plain = surface.slice_2d(model, F.cross_entropy, data, batched=False, **kwargs)
+    calls = []
+    real_vmap = torch.vmap
+    monkeypatch.setattr(surface, "_CPU_EXAMPLE_POINTS_PER_CALL", 1)
+    monkeypatch.setattr(surface.torch, "vmap", lambda f, in_dims: lambda *a: calls.append(a[1].shape[0]) or real_vmap(f, in_dims)(*a))
+    chunked = surface.slice_2d(model, F.cross_entropy, data, points_per_pass=9, **kwargs)
+    assert calls[:4] == [32, 32, 13, 13]  # model, loss; model, loss
+    np.testing.assert_allclose(chunked.loss, plain.loss, rtol=1e-12)
+    np.testing.assert_array_equal(chunked.accuracy, plain.accuracy)
+
+
+def test_a_block_stacks_only_the_tensors_a_direction_moves():
+    model = small_cnn()
+    params = {k: v.detach().double() for k, v in model.named_parameters()}
+    directions = [random_direction(params, seed=s) for s in (0, 1)]  # "biasbn": zero on biases and BN
+    points = torch.tensor([[0.5, -1.0], [2.0, 0.25], [0.0, 0.0]], dtype=F64)
+    stacked, dims = surface._block_params(params, directions, points)
+    assert dims == {"0.weight": 0, "0.bias": None, "1.weight": None, "1.bias": None, "4.weight": 0, "4.bias": None}
+    assert stacked["0.bias"] is params["0.bias"]  # shared, not copied Q times
+    for q, (a, b) in enumerate(points):
+        expected = params["4.weight"] + a * directions[0]["4.weight"] + b * directions[1]["4.weight"]
+        torch.testing.assert_close(stacked["4.weight"][q], expected, rtol=0, atol=1e-15)
+    # a direction that moves nothing (a model against itself) still gives a vmap-able block
+    zero = [{k: torch.zeros_like(v) for k, v in params.items()}]
+    stacked, dims = surface._block_params(params, zero, points[:, :1])
+    assert set(dims.values()) == {0} and stacked["0.bias"].shape == (3, *params["0.bias"].shape)
+    flat = surface.interpolate(model, copy.deepcopy(model), F.cross_entropy, cnn_data(n=12), steps=4, dtype=F64,
+                               points_per_pass=4, progress=False)
+    with torch.no_grad():
+        expected = float(F.cross_entropy(copy.deepcopy(model).double()(cnn_data(n=12)[0].double()), cnn_data(n=12)[1]))
+    np.testing.assert_allclose(flat.loss, expected, rtol=1e-12)
+
+
 def test_filter_normalised_direction_has_the_filter_norms_of_the_weights():
     model = small_cnn()
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -70,12 +112,18 @@ def test_filter_normalised_direction_has_the_filter_norms_of_the_weights():
     assert torch.count_nonzero(d["0.bias"]) == 0
 
 
-def test_the_users_model_is_unchanged():
-    model = small_cnn()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    surface.slice_1d(model, F.cross_entropy, cnn_data(), steps=5, progress=False)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert not model.training
+@pytest.mark.parametrize("batched", [True, False])
+def test_the_users_models_are_unchanged(batched):
+    model, other = small_cnn(seed=0), small_cnn(seed=1)
+    model.train()  # the user's mode is restored too
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, other)]
+    kwargs = dict(steps=5, batched=batched, points_per_pass=5, progress=False)
+    surface.slice_1d(model, F.cross_entropy, cnn_data(), **kwargs)
+    surface.slice_2d(model, F.cross_entropy, cnn_data(), **{**kwargs, "steps": (3, 3)})
+    surface.interpolate(model, other, F.cross_entropy, cnn_data(), **kwargs)
+    for m, saved in zip((model, other), before):
+        assert all(torch.equal(v, saved[k]) for k, v in m.state_dict().items())
+    assert model.training and not other.training
 
 
 def test_interrupted_grid_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
@@ -113,9 +161,115 @@ def test_interrupted_grid_resumes_to_the_uninterrupted_result(tmp_path, monkeypa
 
 def test_a_lone_file_at_the_path_is_never_overwritten(tmp_path):
     (tmp_path / "grid.npz").write_bytes(b"user data")
-    with pytest.raises(FileExistsError, match="without its pair"):
+    with pytest.raises(FileExistsError, match="not a surface saved by this version"):
         surface.slice_1d(small_cnn(), F.cross_entropy, cnn_data(), steps=3, path=tmp_path / "grid", progress=False)
     assert (tmp_path / "grid.npz").read_bytes() == b"user data"
+    np.savez(tmp_path / "arrays.npz", loss=np.zeros(3))  # an npz, but not a surface
+    with pytest.raises(FileExistsError, match="not a surface saved by this version"):
+        surface.slice_1d(small_cnn(), F.cross_entropy, cnn_data(), steps=3, path=tmp_path / "arrays", progress=False)
+    (tmp_path / "notes.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="without its pair"):
+        surface.slice_1d(small_cnn(), F.cross_entropy, cnn_data(), steps=3, path=tmp_path / "notes", progress=False)
+    assert (tmp_path / "notes.json").read_text() == "{}"
+
+
+def test_a_run_killed_between_its_two_files_resumes_and_nan_points_count_as_done(tmp_path, monkeypatch):
+    model, data = small_cnn(), cnn_data(n=20)
+    kwargs = dict(steps=5, seed=4, dtype=F64, progress=False, path=tmp_path / "line", info={"note": "mine"})
+    full = surface.slice_1d(model, F.cross_entropy, data, **{**kwargs, "path": None})
+    writes = {"n": 0}
+    real_write = surface.atomic_write_json
+
+    def killed_on_the_third_json(*args, **kw):  # after the empty grid and one point: the npz has two points
+        writes["n"] += 1
+        if writes["n"] == 3:
+            raise KeyboardInterrupt
+        real_write(*args, **kw)
+
+    monkeypatch.setattr(surface, "atomic_write_json", killed_on_the_third_json)
+    with pytest.raises(KeyboardInterrupt):
+        surface.slice_1d(model, F.cross_entropy, data, **kwargs)
+    monkeypatch.setattr(surface, "atomic_write_json", real_write)
+    assert json.loads((tmp_path / "line.json").read_text())["points_done"] == 1  # one behind the npz
+    (tmp_path / "line.json").unlink()  # as if killed before the json's first write
+    evaluated = []
+    real_evaluate = surface.evaluate_points
+    monkeypatch.setattr(surface, "evaluate_points", lambda o, d, pts, **kw: evaluated.append(len(pts)) or real_evaluate(o, d, pts, **kw))
+    resumed = surface.slice_1d(model, F.cross_entropy, data, **kwargs)
+    assert sum(evaluated) == 3  # the npz's two points were kept
+    np.testing.assert_allclose(resumed.loss, full.loss, rtol=1e-12)
+    saved = json.loads((tmp_path / "line.json").read_text())
+    assert saved["points_done"] == 5 and saved["note"] == "mine" and resumed.meta["note"] == "mine"
+
+    # a point whose loss is NaN is done: a rerun does not evaluate it again
+    with np.load(tmp_path / "line.npz") as stored:
+        arrays = dict(stored)
+    arrays["loss"][2] = np.nan
+    np.savez(tmp_path / "line.npz", **arrays)
+    evaluated.clear()
+    again = surface.slice_1d(model, F.cross_entropy, data, **kwargs)
+    assert evaluated == [] and np.isnan(again.loss[2])
+    assert np.isnan(surface.load(tmp_path / "line").loss[2])
+    with pytest.raises(ValueError, match="info may not set"):
+        surface.slice_1d(model, F.cross_entropy, data, **{**kwargs, "info": {"recipe": 1}})
+
+
+def test_an_interpolation_resumes_its_undone_points_only(tmp_path, monkeypatch):
+    a, b = small_cnn(seed=0), small_cnn(seed=1)
+    kwargs = dict(steps=6, dtype=F64, points_per_pass=2, progress=False, path=tmp_path / "path")
+    full = surface.interpolate(a, b, F.cross_entropy, cnn_data(n=16), **kwargs)
+    with np.load(tmp_path / "path.npz") as stored:
+        arrays = dict(stored)
+    arrays["done"][3:] = False
+    arrays["loss"][3:] = np.nan
+    np.savez(tmp_path / "path.npz", **arrays)
+    evaluated = []
+    real_evaluate = surface.evaluate_points
+    monkeypatch.setattr(surface, "evaluate_points", lambda o, d, pts, **kw: evaluated.extend(pts[:, 0]) or real_evaluate(o, d, pts, **kw))
+    resumed = surface.interpolate(a, b, F.cross_entropy, cnn_data(n=16), **kwargs)
+    np.testing.assert_allclose(evaluated, full.coords[0][3:])
+    np.testing.assert_allclose(resumed.loss, full.loss, rtol=1e-12)
+
+
+def test_the_recipe_holds_the_data_and_the_buffers(tmp_path):
+    model, (X, y) = small_cnn(), cnn_data(n=20)
+    kwargs = dict(steps=3, seed=0, dtype=F64, progress=False, path=tmp_path / "line")
+    surface.slice_1d(model, F.cross_entropy, (X, y), **kwargs)
+    with pytest.raises(ValueError, match=r"differs in \['data_sha256'\]"):  # same size, other examples
+        surface.slice_1d(model, F.cross_entropy, (X.flip(0), y), **kwargs)
+    # the same data cut into other batches is the same data
+    surface.slice_1d(model, F.cross_entropy, (X, y), batch_size=7, **kwargs)
+    recalibrated = copy.deepcopy(model)
+    recalibrated[1].running_mean.add_(0.1)  # same weights, other BatchNorm statistics
+    with pytest.raises(ValueError, match=r"differs in \['model'\]"):
+        surface.slice_1d(recalibrated, F.cross_entropy, (X, y), **kwargs)
+
+
+def test_bad_grids_and_directions_are_refused_with_a_message():
+    model, data = small_cnn(), cnn_data(n=8)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    d = random_direction(params, seed=0)
+    call = dict(progress=False)
+    with pytest.raises(ValueError, match="must be a tuple of 2 parameter dicts; got dict"):
+        surface.slice_2d(model, F.cross_entropy, data, directions=d, steps=3, **call)
+    with pytest.raises(ValueError, match="must be a tuple of 2 parameter dicts; got tuple of length 3"):
+        surface.slice_2d(model, F.cross_entropy, data, directions=(d, d, d), steps=3, **call)
+    with pytest.raises(ValueError, match=r"directions\[1\] must have the same names .* missing \['4.bias'\]"):
+        surface.slice_2d(model, F.cross_entropy, data, directions=(d, {k: v for k, v in d.items() if k != "4.bias"}),
+                         steps=3, **call)
+    with pytest.raises(ValueError, match=r"span must be finite with low < high"):
+        surface.slice_1d(model, F.cross_entropy, data, steps=3, span=(1.0, -1.0), **call)
+    with pytest.raises(ValueError, match=r"span must be a pair of numbers"):
+        surface.slice_1d(model, F.cross_entropy, data, steps=3, span=1.0, **call)
+    with pytest.raises(ValueError, match=r"steps must be an integer >= 2; got 1"):
+        surface.slice_1d(model, F.cross_entropy, data, steps=1, **call)
+    with pytest.raises(ValueError, match=r"steps\[1\] must be an integer >= 2; got 0"):
+        surface.slice_2d(model, F.cross_entropy, data, steps=(3, 0), **call)
+    with pytest.raises(ValueError, match="autocast_dtype must be torch.bfloat16 or torch.float16 with dtype float32"):
+        surface.slice_1d(model, F.cross_entropy, data, steps=3, dtype=F64, autocast_dtype=torch.bfloat16, **call)
+    # one number and one (low, high) pair serve both axes
+    both = surface.slice_2d(model, F.cross_entropy, data, steps=3, span=(-0.5, 0.5), **call)
+    assert both.loss.shape == (3, 3) and all(np.array_equal(c, [-0.5, 0.0, 0.5]) for c in both.coords)
 
 
 def test_interpolation_reaches_both_endpoints():
@@ -174,12 +328,16 @@ def test_interpolation_with_batchnorm_reaches_both_models_with_their_own_statist
         surface.interpolate(a, b, F.cross_entropy, (X, y), buffers="b", progress=False)
 
 
-def test_bf16_autocast_is_close_to_float32():
+@pytest.mark.parametrize("batched", [True, False])
+def test_bf16_autocast_is_close_to_float32_on_both_paths(batched):
     model = small_cnn()
     data = cnn_data(n=32)
-    exact = surface.slice_1d(model, F.cross_entropy, data, steps=5, progress=False)
-    bf16 = surface.slice_1d(model, F.cross_entropy, data, steps=5, autocast_dtype=torch.bfloat16, progress=False)
+    kwargs = dict(steps=5, batched=batched, points_per_pass=5, progress=False)
+    exact = surface.slice_1d(model, F.cross_entropy, data, **kwargs)
+    bf16 = surface.slice_1d(model, F.cross_entropy, data, autocast_dtype=torch.bfloat16, **kwargs)
     np.testing.assert_allclose(bf16.loss, exact.loss, rtol=5e-2)
+    assert np.abs(bf16.loss - exact.loss).max() > 1e-5  # bf16 did run: its rounding shows
+    assert bf16.meta["recipe"]["autocast"] == "bfloat16"
 
 
 @pytest.mark.gpu

@@ -161,20 +161,25 @@ def test_surface_command_compares_two_runs_with_one_recipe_and_resumes(trained_r
     argv = ["surface", str(trained_run), "--compare", str(other), "--dim", "2", "--steps", "3", "--split", "test",
             "--no-progress"]
     assert main(argv) == 0
-    first = json.loads((trained_run / "surface_2d.json").read_text())
-    second = json.loads((other / "surface_2d.json").read_text())
+    first = json.loads((trained_run / "surface_2d_test.json").read_text())
+    second = json.loads((other / "surface_2d_test.json").read_text())
     assert first["points_done"] == 9 and second["points_done"] == 9
     same_recipe = {k: v for k, v in first["recipe"].items() if k != "model"}
     assert same_recipe == {k: v for k, v in second["recipe"].items() if k != "model"}
     assert first["recipe"]["model"] != second["recipe"]["model"]
-    before = np.load(trained_run / "surface_2d.npz")["loss"]
+    before = np.load(trained_run / "surface_2d_test.npz")["loss"]
     assert main(argv) == 0  # complete: resumes with nothing left to do
-    np.testing.assert_array_equal(np.load(trained_run / "surface_2d.npz")["loss"], before)
+    np.testing.assert_array_equal(np.load(trained_run / "surface_2d_test.npz")["loss"], before)
     assert main([*argv[:4], "--dim", "2", "--steps", "3", "--split", "test", "--seed", "7", "--no-progress"]) == 2
     assert "different recipe" in capsys.readouterr().err
     assert main(["surface", str(trained_run), "--interpolate", str(other), "--steps", "3", "--split", "test",
                  "--no-progress"]) == 0
-    assert np.load(trained_run / "interpolation.npz")["loss"].shape == (3,)
+    assert np.load(trained_run / "interpolation_test.npz")["loss"].shape == (3,)
+    # the training split gets its own file beside the test split's, with its own data in the recipe
+    assert main([*argv[:4], "--dim", "2", "--steps", "3", "--split", "train", "--no-progress"]) == 0
+    train = json.loads((trained_run / "surface_2d.json").read_text())["recipe"]
+    assert train["data_sha256"] != first["recipe"]["data_sha256"] and train["seed"] == first["recipe"]["seed"]
+    np.testing.assert_array_equal(np.load(trained_run / "surface_2d_test.npz")["loss"], before)
 
 
 def test_surface_along_pca_and_hessian_directions(tmp_path):
@@ -184,16 +189,16 @@ def test_surface_along_pca_and_hessian_directions(tmp_path):
     assert main(["train", "--out", str(run), "--epochs", "4", "--batch-size", "256", "--snapshot-every", "1",
                  "--no-progress"]) == 0
     assert main(["surface", str(run), "--directions", "pca", "--steps", "3", "--split", "test", "--no-progress"]) == 0
-    saved = json.loads((run / "surface_2d.json").read_text())
+    saved = json.loads((run / "surface_2d_test.json").read_text())
     assert saved["recipe"]["kind"] == "given" and len(saved["pca"]["coordinates"]) == 4
     assert saved["pca"]["coordinates"][-1] == [0.0, 0.0]  # the final snapshot is the model itself
     ratios = saved["pca"]["explained_variance_ratio"]
     assert ratios == sorted(ratios, reverse=True) and 0.5 < sum(ratios) <= 1.0 + 1e-12
     assert main(["surface", str(run), "--directions", "hessian", "--dim", "1", "--steps", "3", "--split", "test",
                  "--no-progress"]) == 0
-    line = np.load(run / "surface_1d.npz")["loss"]
+    line = np.load(run / "surface_1d_test.npz")["loss"]
     assert line[1] < line[0] and line[1] < line[2]  # a minimum along the top eigenvector
-    assert json.loads((run / "surface_1d.json").read_text())["hessian"]["eigenvalues"][0] > 0
+    assert json.loads((run / "surface_1d_test.json").read_text())["hessian"]["eigenvalues"][0] > 0
 
 
 def test_sharpness_command_writes_every_measure_beside_the_run(trained_run, capsys):
@@ -430,3 +435,46 @@ def test_noise_study_takes_its_recipe_from_a_preset_with_explicit_flags_on_top()
                                                        label_noise=0.6)
     plain = _resolve_train_config(build_parser().parse_args(["noise-study"]), default_recipe())
     assert plain == default_recipe()
+
+
+def test_surface_along_hessian_directions_resumes_without_rerunning_lanczos(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from landscape import hessian, surface
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "1", "--batch-size", "256", "--no-progress"]) == 0
+    argv = ["surface", str(run), "--directions", "hessian", "--dim", "1", "--steps", "5", "--split", "test",
+            "--no-progress"]
+    real_save = surface._save
+    calls = {"lanczos": 0, "saves": 0}
+
+    def killed_after_two_passes(*args, **kwargs):
+        calls["saves"] += 1
+        real_save(*args, **kwargs)
+        if calls["saves"] == 3:  # the empty grid, then two points
+            raise KeyboardInterrupt
+
+    def counted(*args, **kwargs):
+        calls["lanczos"] += 1
+        return real_top(*args, **kwargs)
+
+    real_top = hessian.top_eigenvalues
+    monkeypatch.setattr(hessian, "top_eigenvalues", counted)
+    monkeypatch.setattr(surface, "_save", killed_after_two_passes)
+    assert main(argv) == 130
+    saved = json.loads((run / "surface_1d_test.json").read_text())
+    assert saved["points_done"] == 2 and saved["hessian"]["eigenvalues"][0] > 0  # recorded from the first write
+    monkeypatch.setattr(surface, "_save", real_save)
+    assert main(argv) == 0
+    assert calls["lanczos"] == 1  # the resumed run read the directions back
+    resumed = np.load(run / "surface_1d_test.npz")["loss"]
+    assert main([*argv, "--overwrite"]) == 0 and calls["lanczos"] == 2
+    np.testing.assert_allclose(np.load(run / "surface_1d_test.npz")["loss"], resumed, rtol=1e-6)
+    capsys.readouterr()
+    assert main([*argv, "--seed", "3"]) == 2 and calls["lanczos"] == 3  # another start vector: computed afresh ...
+    assert "directions_sha256" in capsys.readouterr().err  # ... and refused, not mixed into the saved grid
+    assert main([*argv, "--norm", "layer"]) == 2
+    assert "--norm shapes random directions only" in capsys.readouterr().err
+    assert main(["surface", str(run), "--dim", "1", "--orthogonal", "--no-progress"]) == 2
+    assert "--orthogonal needs two directions" in capsys.readouterr().err

@@ -327,8 +327,8 @@ def test_cli_trains_and_analyses_under_torchrun(tmp_path: Path) -> None:
     theirs = json.loads((tmp_path / "single-hessian" / "hessian.json").read_text())
     assert ours["processes"] == WORLD and theirs["processes"] == 1
     assert ours["eigen"]["eigenvalues"] == pytest.approx(theirs["eigen"]["eigenvalues"], rel=1e-6)
-    np.testing.assert_allclose(surface.load(tmp_path / "ddp-surface" / "surface_2d").loss,
-                               surface.load(tmp_path / "single-surface" / "surface_2d").loss, rtol=1e-6)
+    np.testing.assert_allclose(surface.load(tmp_path / "ddp-surface" / "surface_2d_test").loss,
+                               surface.load(tmp_path / "single-surface" / "surface_2d_test").loss, rtol=1e-6)
 
 
 def test_cli_refuses_single_process_commands_under_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
