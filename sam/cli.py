@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     surface_parser.add_argument("--points-per-pass", type=int, default=None,
                                 help="grid points per vmapped forward pass (default: 1, the plain loop, on CPU; sized to free memory on GPU)")
     surface_parser.add_argument("--bf16", action="store_true", help="evaluate under bf16 autocast")
+    surface_parser.add_argument("--plot", action="store_true",
+                                help="also draw the surfaces (PNG + PDF, and one self-contained HTML) into --out or the first run")
     _add_analysis_flags(surface_parser, name="surface")
     surface_parser.set_defaults(handler=_run_surface)
 
@@ -700,6 +702,7 @@ def _run_surface(args: argparse.Namespace) -> int:
     labels = [run.run_dir.name for run in todo]
     if len(set(labels)) < len(labels):  # --compare a/seed0 b/seed0 --out DIR: keep the two apart
         labels = [f"{i}-{label}" for i, label in enumerate(labels)]
+    results = {}
     for run, label in zip(todo, labels):
         out = args.out if args.out is not None else run.run_dir
         if args.out is not None and len(todo) > 1:
@@ -716,6 +719,11 @@ def _run_surface(args: argparse.Namespace) -> int:
                                          span=tuple(args.span), path=path, buffers=args.interpolate_buffers, **common)
         elif args.directions != "random":
             given, info = _given_surface_directions(args, run, data, dtype, device, path)
+            path_coords = [c for point in info.get("coordinates", []) for c in point]
+            if main_process and path_coords and not args.span[0] <= min(path_coords) <= max(path_coords) <= args.span[1]:
+                print(f"note: the training path spans {min(path_coords):.3g} to {max(path_coords):.3g} along the PCA "
+                      f"directions, beyond --span {args.span[0]:g} {args.span[1]:g}; widen --span to draw all of it",
+                      file=sys.stderr)
             result = (surface.slice_1d(run.model, F.cross_entropy, data, given[0], steps=args.steps,
                                        span=tuple(args.span), path=path, model_id=run.checkpoint_sha256,
                                        info={args.directions: info}, **common)
@@ -732,11 +740,56 @@ def _run_surface(args: argparse.Namespace) -> int:
                                       span=(tuple(args.span), tuple(args.span)), seed=args.seed, norm=args.norm,
                                       ignore=args.ignore, orthogonal=args.orthogonal, path=path,
                                       model_id=run.checkpoint_sha256, **common)
+        results[label] = result
         if not main_process:
             continue
         print(f"{run.run_dir}: loss {result.loss.min():.4g} to {result.loss.max():.4g} over "
               f"{result.loss.size} points; wrote {path.with_suffix('.npz')} and {path.with_suffix('.json')}")
+    if args.plot and main_process:
+        where = Path(args.out) if args.out is not None else todo[0].run_dir
+        other_label = other.run_dir.name if args.interpolate is not None else None
+        for written in _plot_surfaces(results, where / name, args.split, other_label):
+            print(f"wrote {written}")
     return 0
+
+
+def _plot_surfaces(results: dict, stem: Path, split: str, other: str | None) -> list[Path]:
+    """The surfaces of one ``surface`` command drawn as publication figures (PNG + PDF) and one HTML page.
+
+    2D: lit 3D surfaces and contours (a PCA plane with its trajectory), shared z-range; 1D: the slices
+    overlaid; an interpolation: loss and accuracy along the line. Regenerated on every call.
+    """
+    import numpy as np
+
+    from landscape.plot import figures, interactive
+    from landscape.plot.report import Section, write_report
+
+    if other is not None:
+        [(label, line)] = results.items()
+        pair = {"train": line, "test": None} if split == "train" else {"train": None, "test": line}
+        static = {"": figures.interpolation(pair["train"], pair["test"], labels=(label, other))}
+        dynamic = [interactive.interpolation(pair["train"], pair["test"], labels=(label, other))]
+        title = f"Interpolation from {label} to {other} ({split} split)"
+    elif next(iter(results.values())).loss.ndim == 2:
+        static = {"_3d": figures.surface_3d(results), "_contours": figures.surface_contours(results)}
+        dynamic = [interactive.surface_3d(results), interactive.surface_contours(results)]
+        title = f"2D loss surfaces ({split} split)"
+    else:
+        static = {"": figures.slices_1d(results)}
+        dynamic = [interactive.slices_1d(results)]
+        title = f"1D loss slices ({split} split)"
+    written = [path for suffix, fig in static.items() for path in figures.save_figure(fig, f"{stem}{suffix}")]
+    rows = [{"model": label, "loss at 0": _nearest_origin(s, s.loss), "accuracy at 0": _nearest_origin(s, s.accuracy),
+             "lowest loss": float(np.nanmin(s.loss)), "highest loss": float(np.nanmax(s.loss))} for label, s in results.items()]
+    written.append(write_report(stem.with_suffix(".html"), title, list(rows[0]), rows, [Section(title, dynamic)]))
+    return written
+
+
+def _nearest_origin(result: Any, values: Any) -> float:
+    """The value at the grid point nearest the origin: the model itself (``model_a`` on a line to another)."""
+    import numpy as np
+
+    return float(np.asarray(values)[tuple(int(np.argmin(np.abs(c))) for c in result.coords)])
 
 
 def _check_direction_flags(args: argparse.Namespace) -> None:

@@ -168,12 +168,17 @@ def test_surface_command_compares_two_runs_with_one_recipe_and_resumes(trained_r
     assert same_recipe == {k: v for k, v in second["recipe"].items() if k != "model"}
     assert first["recipe"]["model"] != second["recipe"]["model"]
     before = np.load(trained_run / "surface_2d_test.npz")["loss"]
-    assert main(argv) == 0  # complete: resumes with nothing left to do
+    assert main([*argv, "--plot"]) == 0  # complete: resumes with nothing left to do, then draws both
     np.testing.assert_array_equal(np.load(trained_run / "surface_2d_test.npz")["loss"], before)
+    for figure in ("surface_2d_test_3d", "surface_2d_test_contours"):
+        assert (trained_run / f"{figure}.png").stat().st_size > 0 and (trained_run / f"{figure}.pdf").stat().st_size > 0
+    page = (trained_run / "surface_2d_test.html").read_text()
+    assert page.count("<section") == 1 and trained_run.name in page and other.name in page and "plotly" in page
     assert main([*argv[:4], "--dim", "2", "--steps", "3", "--split", "test", "--seed", "7", "--no-progress"]) == 2
     assert "different recipe" in capsys.readouterr().err
     assert main(["surface", str(trained_run), "--interpolate", str(other), "--steps", "3", "--split", "test",
-                 "--no-progress"]) == 0
+                 "--plot", "--no-progress"]) == 0
+    assert (trained_run / "interpolation_test.png").exists() and (trained_run / "interpolation_test.html").exists()
     assert np.load(trained_run / "interpolation_test.npz")["loss"].shape == (3,)
     # the training split gets its own file beside the test split's, with its own data in the recipe
     assert main([*argv[:4], "--dim", "2", "--steps", "3", "--split", "train", "--no-progress"]) == 0
@@ -182,7 +187,7 @@ def test_surface_command_compares_two_runs_with_one_recipe_and_resumes(trained_r
     np.testing.assert_array_equal(np.load(trained_run / "surface_2d_test.npz")["loss"], before)
 
 
-def test_surface_along_pca_and_hessian_directions(tmp_path):
+def test_surface_along_pca_and_hessian_directions(tmp_path, capsys):
     import numpy as np
 
     run = tmp_path / "snap"
@@ -192,6 +197,11 @@ def test_surface_along_pca_and_hessian_directions(tmp_path):
     saved = json.loads((run / "surface_2d_test.json").read_text())
     assert saved["recipe"]["kind"] == "given" and len(saved["pca"]["coordinates"]) == 4
     assert saved["pca"]["coordinates"][-1] == [0.0, 0.0]  # the final snapshot is the model itself
+    beyond = not -1 <= min(min(p) for p in saved["pca"]["coordinates"]) <= max(max(p) for p in saved["pca"]["coordinates"]) <= 1
+    assert ("widen --span to draw all of it" in capsys.readouterr().err) == beyond  # said when the path leaves the grid
+    assert main(["surface", str(run), "--directions", "pca", "--steps", "3", "--split", "test", "--plot",
+                 "--no-progress"]) == 0
+    assert '"name":"snap: training path"' in (run / "surface_2d_test.html").read_text()
     ratios = saved["pca"]["explained_variance_ratio"]
     assert ratios == sorted(ratios, reverse=True) and 0.5 < sum(ratios) <= 1.0 + 1e-12
     assert main(["surface", str(run), "--directions", "hessian", "--dim", "1", "--steps", "3", "--split", "test",
