@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,8 @@ class SurfaceResult:
             ``(coords[0][i], coords[1][j])``).
         accuracy: accuracy at every grid point, same shape; NaN when the targets are not class indices
             (regression, soft labels).
-        meta: the recipe (directions, ranges, data) and bookkeeping, as saved in the JSON file.
+        meta: ``{"recipe": ..., **info}`` (the directions, ranges, data and model); :func:`load` returns
+            the saved JSON, which also has ``points_done`` and ``points_total``.
     """
 
     coords: list[np.ndarray]
@@ -152,8 +154,8 @@ def _evaluate_block(
     autocast = _autocast(objective.device, autocast_dtype)
     # On the CPU, Q points multiply each call's activations by Q: the data are cut so that one call stays
     # near 1024 example-points, a cache-sized working set (measured: 128 examples x 8 points ran 2.8x
-    # faster per point than 1437 x 8). On a GPU the batch stays whole: Q was sized against its memory
-    # (_auto_points_per_pass, a pass over the whole first batch), and larger calls fill the device.
+    # faster per point than 1437 x 8). On a GPU the batch stays whole: Q was sized against its memory by a
+    # pass over the whole first batch (_auto_points_per_pass); whether larger calls pay there is unmeasured.
     chunk = max(32, _CPU_EXAMPLE_POINTS_PER_CALL // points.shape[0]) if objective.device.type == "cpu" else None
     with _training_flags(objective.model, objective.train_mode), autocast:
         for weight, x, y in objective._weights():
@@ -299,7 +301,7 @@ def _compute_surface(
     done = np.zeros(points.shape[0], dtype=bool)
     if stored is not None:
         loss, accuracy, done = stored
-    if npz_path is not None and writer and (stored is None or not json_path.exists()):
+    if npz_path is not None and writer and (stored is None or _json_behind(json_path, done)):
         _save(npz_path, json_path, loss.reshape(shape), accuracy.reshape(shape), done.reshape(shape), coords, recipe, info)
     todo = np.flatnonzero(~done)
     if not batched:
@@ -345,7 +347,10 @@ def _read_saved(npz_path: Path, json_path: Path, recipe: dict[str, Any]) -> tupl
         return None
     saved = _read_npz(npz_path)
     if saved is None:
-        raise FileExistsError(f"{npz_path} is not a surface saved by this version of landscape.surface; move it away "
+        if _is_legacy(npz_path):
+            raise FileExistsError(f"{npz_path} was saved by an earlier version of landscape.surface, whose recipe "
+                                  "lacks the data and buffer hashes; delete it (or pass --overwrite) to recompute")
+        raise FileExistsError(f"{npz_path} is not a surface saved by landscape.surface; move it away "
                               "(it is not overwritten)")
     loss, accuracy, done, saved_recipe = saved
     if saved_recipe != recipe:
@@ -357,16 +362,34 @@ def _read_saved(npz_path: Path, json_path: Path, recipe: dict[str, Any]) -> tupl
     return loss.ravel(), accuracy.ravel(), done.ravel()
 
 
+def _json_behind(json_path: Path, done: np.ndarray) -> bool:
+    """Whether the readable ``.json`` is missing or counts other points than the ``.npz`` (a run killed
+    between writing the two)."""
+    try:
+        return json.loads(json_path.read_text()).get("points_done") != int(np.count_nonzero(done))
+    except (OSError, ValueError):
+        return True
+
+
 def _read_npz(npz_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]] | None:
     """``(loss, accuracy, done, recipe)`` from a saved ``.npz``; ``None`` if it is not one of ours."""
     try:
         with np.load(npz_path) as stored:
-            if not {"loss", "accuracy", "done", "recipe"} <= set(stored.files):
+            if not {"loss", "accuracy", "done", "recipe"} <= set(getattr(stored, "files", ())):
                 return None
             return (stored["loss"].copy(), stored["accuracy"].copy(), stored["done"].astype(bool),
                     json.loads(str(stored["recipe"])))
-    except (OSError, ValueError, json.JSONDecodeError):  # not an npz (zip) file, or a foreign recipe
+    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile):  # not an npz of ours
         return None
+
+
+def _is_legacy(npz_path: Path) -> bool:
+    """An ``.npz`` written before the recipe and done-mask moved into it (loss and accuracy only)."""
+    try:
+        with np.load(npz_path) as stored:
+            return {"loss", "accuracy"} <= set(getattr(stored, "files", ())) and "recipe" not in stored.files
+    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile):
+        return False
 
 
 def _evaluate_shared(
@@ -398,7 +421,7 @@ def _auto_points_per_pass(objective: Objective, directions: list[Params], autoca
 
     On a GPU: the peak memory of a two-point pass over the first batch, measured, against half the free
     memory, capped at 256. On the CPU: 1, the plain loop. There a forward pass is compute-bound and every
-    point needs its own convolutions; in ``benchmarks/bench_surface.py`` (digits CNN, 21 x 21, four runs)
+    point needs its own convolutions; in ``benchmarks/bench_surface.py`` (digits CNN, three 21 x 21 runs)
     vmapped blocks ran at 0.58-1.17x the loop's speed, 0.75-0.80x in the latest.
     """
     device = objective.device
@@ -586,6 +609,7 @@ def load(path: str | Path) -> SurfaceResult:
     """A surface saved with ``path=`` (``PATH.npz`` + ``PATH.json``), e.g. by ``sam-landscape surface``.
 
     ``meta`` is the ``.json`` (recipe, progress and any ``info``); points not yet evaluated hold NaN.
+    Files from earlier versions (no recipe inside the ``.npz``) are read with their ``.json``.
 
     Raises:
         FileNotFoundError: the ``.npz`` is missing.
@@ -596,6 +620,10 @@ def load(path: str | Path) -> SurfaceResult:
     if not npz_path.exists():
         raise FileNotFoundError(f"{npz_path} not found: no saved surface at {path}")
     saved = _read_npz(npz_path)
+    if saved is None and _is_legacy(npz_path) and json_path.exists():  # values only; NaN marks what was not done
+        with np.load(npz_path) as stored:
+            loss, accuracy = stored["loss"], stored["accuracy"]
+        saved = loss, accuracy, ~np.isnan(loss), json.loads(json_path.read_text()).get("recipe", {})
     if saved is None:
         raise ValueError(f"{npz_path} is not a surface saved by landscape.surface")
     loss, accuracy, done, recipe = saved

@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     surface_parser.add_argument("checkpoint", type=Path, help="run directory, or a model.pt / snapshot inside one")
-    surface_parser.add_argument("--dim", type=int, choices=[1, 2], default=2, help="1D or 2D slice")
+    surface_parser.add_argument("--dim", type=int, choices=[1, 2], default=None, help="1D or 2D slice (default 2)")
     surface_parser.add_argument("--steps", type=int, default=51, help="grid points per axis")
     surface_parser.add_argument("--span", type=float, nargs=2, default=[-1.0, 1.0], metavar=("LOW", "HIGH"),
                                 help="range of each coordinate (interpolation: of t)")
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="another run: the same direction recipe on its minimum (written beside it)")
     surface_parser.add_argument("--interpolate", type=Path, default=None,
                                 help="another run: the loss along w_a + t (w_b - w_a) instead of a random slice")
-    surface_parser.add_argument("--interpolate-buffers", choices=["interpolate", "a"], default="interpolate",
+    surface_parser.add_argument("--interpolate-buffers", choices=["interpolate", "a"], default=None,
                                 help="interpolation: move BatchNorm statistics along the line too, or keep the first run's")
     surface_parser.add_argument("--points-per-pass", type=int, default=None,
                                 help="grid points per vmapped forward pass (default: 1, the plain loop, on CPU; sized to free memory on GPU)")
@@ -696,8 +696,10 @@ def _run_surface(args: argparse.Namespace) -> int:
         todo = [runs[0]]
     else:
         todo = runs
-    # one file per kind and split: surface_2d.npz (train), surface_2d_test.npz, interpolation_test.npz, ...
-    name = ("interpolation" if args.interpolate is not None else f"surface_{args.dim}d") + (
+    # one file per kind of directions and split: surface_2d (random, train), surface_2d_test,
+    # surface_2d_pca, surface_1d_hessian_test, interpolation, interpolation_test
+    kind = "" if args.interpolate is not None or args.directions == "random" else f"_{args.directions}"
+    name = ("interpolation" if args.interpolate is not None else f"surface_{args.dim}d{kind}") + (
         "_test" if args.split == "test" else "")
     labels = [run.run_dir.name for run in todo]
     if len(set(labels)) < len(labels):  # --compare a/seed0 b/seed0 --out DIR: keep the two apart
@@ -748,52 +750,24 @@ def _run_surface(args: argparse.Namespace) -> int:
     if args.plot and main_process:
         where = Path(args.out) if args.out is not None else todo[0].run_dir
         other_label = other.run_dir.name if args.interpolate is not None else None
-        for written in _plot_surfaces(results, where / name, args.split, other_label):
+        # named after what they show, so that A --compare B and A --compare C keep their own figures
+        shown = [*labels, other_label] if other_label else labels
+        stem = where / (name if len(shown) == 1 else f"{name}_{'_vs_'.join(shown)}")
+        from landscape.plot import write_surface_report
+
+        for written in write_surface_report(results, stem, split=args.split, other=other_label):
             print(f"wrote {written}")
     return 0
 
 
-def _plot_surfaces(results: dict, stem: Path, split: str, other: str | None) -> list[Path]:
-    """The surfaces of one ``surface`` command drawn as publication figures (PNG + PDF) and one HTML page.
-
-    2D: lit 3D surfaces and contours (a PCA plane with its trajectory), shared z-range; 1D: the slices
-    overlaid; an interpolation: loss and accuracy along the line. Regenerated on every call.
-    """
-    import numpy as np
-
-    from landscape.plot import figures, interactive
-    from landscape.plot.report import Section, write_report
-
-    if other is not None:
-        [(label, line)] = results.items()
-        pair = {"train": line, "test": None} if split == "train" else {"train": None, "test": line}
-        static = {"": figures.interpolation(pair["train"], pair["test"], labels=(label, other))}
-        dynamic = [interactive.interpolation(pair["train"], pair["test"], labels=(label, other))]
-        title = f"Interpolation from {label} to {other} ({split} split)"
-    elif next(iter(results.values())).loss.ndim == 2:
-        static = {"_3d": figures.surface_3d(results), "_contours": figures.surface_contours(results)}
-        dynamic = [interactive.surface_3d(results), interactive.surface_contours(results)]
-        title = f"2D loss surfaces ({split} split)"
-    else:
-        static = {"": figures.slices_1d(results)}
-        dynamic = [interactive.slices_1d(results)]
-        title = f"1D loss slices ({split} split)"
-    written = [path for suffix, fig in static.items() for path in figures.save_figure(fig, f"{stem}{suffix}")]
-    rows = [{"model": label, "loss at 0": _nearest_origin(s, s.loss), "accuracy at 0": _nearest_origin(s, s.accuracy),
-             "lowest loss": float(np.nanmin(s.loss)), "highest loss": float(np.nanmax(s.loss))} for label, s in results.items()]
-    written.append(write_report(stem.with_suffix(".html"), title, list(rows[0]), rows, [Section(title, dynamic)]))
-    return written
-
-
-def _nearest_origin(result: Any, values: Any) -> float:
-    """The value at the grid point nearest the origin: the model itself (``model_a`` on a line to another)."""
-    import numpy as np
-
-    return float(np.asarray(values)[tuple(int(np.argmin(np.abs(c))) for c in result.coords)])
-
-
 def _check_direction_flags(args: argparse.Namespace) -> None:
-    """Refuses the random-direction flags where they would be ignored, then fills in their defaults."""
+    """Refuses the flags that would be ignored with the others given, then fills in their defaults."""
+    if args.interpolate is not None:
+        for flag, value in (("--dim", args.dim), ("--directions", None if args.directions == "random" else args.directions)):
+            if value is not None:
+                raise ValueError(f"{flag} has no effect with --interpolate (a line between two models)")
+    elif args.interpolate_buffers is not None:
+        raise ValueError("--interpolate-buffers needs --interpolate")
     random_slice = args.interpolate is None and args.directions == "random"
     where = "--interpolate" if args.interpolate is not None else f"--directions {args.directions}"
     for flag, value in (("--norm", args.norm), ("--ignore", args.ignore), ("--orthogonal", args.orthogonal or None)):
@@ -801,8 +775,10 @@ def _check_direction_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} shapes random directions only; it has no effect with {where}")
     if args.orthogonal and args.dim == 1:
         raise ValueError("--orthogonal needs two directions (--dim 2)")
+    args.dim = args.dim or 2
     args.norm = args.norm or "filter"
     args.ignore = args.ignore or "biasbn"
+    args.interpolate_buffers = args.interpolate_buffers or "interpolate"
 
 
 def _given_surface_directions(
@@ -821,11 +797,14 @@ def _given_surface_directions(
     store = path.with_suffix(".directions.pt")
     settings = {"directions": args.directions, "dim": args.dim, "seed": args.seed, "split": args.split,
                 "dtype": args.dtype, "checkpoint_sha256": run.checkpoint_sha256}
-    if store.exists() and path.with_suffix(".npz").exists():
-        saved = torch.load(store, map_location=device, weights_only=True)
-        if saved.get("settings") == settings:
-            return [{k: v.to(dtype) for k, v in d.items()} for d in saved["directions"]], saved["info"]
-        # other settings: computed afresh, and the surface's recipe check names what differs
+    saved = None
+    if distributed.is_main() and store.exists() and path.with_suffix(".npz").exists():
+        saved = torch.load(store, map_location="cpu", weights_only=True)
+        if saved.get("settings") != settings:  # computed afresh; the surface's recipe check names what differs
+            saved = None
+    saved = distributed.broadcast_object(saved)  # rank 0 decides: the other ranks may not see its files
+    if saved is not None:
+        return [{k: v.to(device, dtype) for k, v in d.items()} for d in saved["directions"]], saved["info"]
     given, info = _surface_directions(args, run, data, dtype, device)
     if distributed.is_main() and not path.with_suffix(".npz").exists():
         atomic_torch_save({"directions": [dict(d) for d in given], "info": info, "settings": settings}, store)
@@ -883,7 +862,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {args.command}: {_one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        how = "rerun the same command to resume" if args.command in ("study", "noise-study") else "resume with --resume"
+        how = {"train": "resume with --resume", "hessian": "rerun the command", "sharpness": "rerun the command"}.get(
+            args.command, "rerun the same command to resume")
         print(f"{PROG} {args.command}: interrupted; {how}", file=sys.stderr)
         return 130
     finally:

@@ -3,6 +3,6 @@
 
 from . import figures, interactive, report
 from .figures import save_figure
-from .report import Section, write_report
+from .report import Section, write_report, write_surface_report
 
-__all__ = ["figures", "interactive", "report", "save_figure", "Section", "write_report"]
+__all__ = ["figures", "interactive", "report", "save_figure", "Section", "write_report", "write_surface_report"]

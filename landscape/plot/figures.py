@@ -105,7 +105,7 @@ def save_figure(fig: Figure, stem: str | Path, formats: Sequence[str] = ("png", 
     paths = []
     with paper_style():
         for fmt in formats:
-            path = Path(stem).with_suffix(f".{fmt}")
+            path = Path(f"{stem}.{fmt}")  # appended: a stem with a dot in it ("run.v2_3d") keeps its name
             buffer = io.BytesIO()
             fig.savefig(buffer, format=fmt, dpi=dpi)
             atomic_write(path, lambda f, data=buffer.getvalue(): f.write(data))

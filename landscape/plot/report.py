@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 
 from sam._io import atomic_write_text
 
-__all__ = ["Section", "html_report", "write_report"]
+__all__ = ["Section", "html_report", "write_report", "write_surface_report"]
 
 
 @dataclass
@@ -82,3 +82,52 @@ def write_report(path: str | Path, *args: Any, **kwargs: Any) -> Path:
     path = Path(path)
     atomic_write_text(path, html_report(*args, **kwargs))
     return path
+
+
+def write_surface_report(surfaces: Mapping[str, Any], stem: str | Path, *, split: str = "train",
+                         other: str | None = None, zmax: float | None = None) -> list[Path]:
+    """Surfaces of one run (or several, same recipe) as publication figures and one HTML page.
+
+    2D: lit 3D surfaces and contours with a shared z-range (a PCA plane with its training path,
+    :func:`.figures.surface_contours`) as ``STEM_3d`` and ``STEM_contours`` (``.png`` + ``.pdf``); 1D: the
+    slices overlaid, ``STEM.png/.pdf``; a single line to the model ``other`` (an interpolation): loss and
+    accuracy along it. ``STEM.html`` holds the interactive figures and a table with the loss and accuracy
+    at the model itself (the origin; blank when the grid has no point there) and the loss range. Files
+    are written atomically and replaced on every call.
+
+    Returns:
+        The paths written.
+    """
+    from . import figures, interactive
+
+    stem = Path(stem)
+    if other is not None:
+        if len(surfaces) != 1:
+            raise ValueError(f"an interpolation to {other!r} takes one line; got {len(surfaces)}")
+        [(label, line)] = surfaces.items()
+        train, test = (line, None) if split == "train" else (None, line)
+        static = {"": figures.interpolation(train, test, labels=(label, other))}
+        dynamic = [interactive.interpolation(train, test, labels=(label, other))]
+        title = f"Interpolation from {label} to {other} ({split} split)"
+    elif next(iter(surfaces.values())).loss.ndim == 2:
+        static = {"_3d": figures.surface_3d(surfaces, zmax=zmax), "_contours": figures.surface_contours(surfaces, zmax=zmax)}
+        dynamic = [interactive.surface_3d(surfaces, zmax=zmax), interactive.surface_contours(surfaces, zmax=zmax)]
+        title = f"2D loss surfaces ({split} split)"
+    else:
+        static = {"": figures.slices_1d(surfaces)}
+        dynamic = [interactive.slices_1d(surfaces)]
+        title = f"1D loss slices ({split} split)"
+    written = [path for suffix, fig in static.items() for path in figures.save_figure(fig, f"{stem}{suffix}")]
+    rows = [{"model": label, "loss at the model": _at_origin(s, s.loss), "accuracy at the model": _at_origin(s, s.accuracy),
+             "lowest loss": float(np.nanmin(s.loss)), "highest loss": float(np.nanmax(s.loss))}
+            for label, s in surfaces.items()]
+    written.append(write_report(Path(f"{stem}.html"), title, list(rows[0]), rows, [Section(title, dynamic)]))
+    return written
+
+
+def _at_origin(surface: Any, values: Any) -> float | None:
+    """``values`` at the grid point at the origin (the model itself); ``None`` when there is none."""
+    index = tuple(int(np.argmin(np.abs(c))) for c in surface.coords)
+    if any(abs(c[i]) > 1e-12 * max(1.0, float(np.abs(c).max())) for c, i in zip(surface.coords, index)):
+        return None
+    return float(np.asarray(values)[index])

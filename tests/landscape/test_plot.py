@@ -145,6 +145,25 @@ def test_save_figure_writes_png_and_pdf_with_text_as_text(tmp_path):
     assert pdf.startswith(b"%PDF") and (b"/CIDFontType2" in pdf or b"/TrueType" in pdf) and b"/Type3" not in pdf
 
 
+def test_surface_report_writes_each_kind_with_the_value_at_the_model(tmp_path):
+    from landscape.plot import write_surface_report
+
+    written = write_surface_report(SURFACES, tmp_path / "surface_2d_run.v2")  # a dot in a run's name stays
+    assert sorted(p.name for p in written) == sorted(["surface_2d_run.v2_3d.png", "surface_2d_run.v2_3d.pdf",
+                                                      "surface_2d_run.v2_contours.png", "surface_2d_run.v2_contours.pdf",
+                                                      "surface_2d_run.v2.html"])
+    page = (tmp_path / "surface_2d_run.v2.html").read_text()
+    assert f"<td>{SURFACES['SGD'].loss[4, 4]:.4g}</td>" in page and "2D loss surfaces (train split)" in page
+    even = SurfaceResult([np.linspace(-1, 1, 4)], np.arange(4.0) + 1, np.full(4, 0.5))  # no point at 0
+    [png, pdf, page] = write_surface_report({"A": even}, tmp_path / "slice", split="test")
+    assert png.name == "slice.png" and "<td>A</td><td></td><td></td><td>1</td><td>4</td>" in page.read_text()
+    line = SLICES["SAM"]
+    paths = write_surface_report({"SGD": line}, tmp_path / "path", split="test", other="SAM")
+    assert "Interpolation from SGD to SAM (test split)" in paths[-1].read_text()
+    with pytest.raises(ValueError, match="takes one line; got 2"):
+        write_surface_report({"a": line, "b": line}, tmp_path / "two", other="SAM")
+
+
 def test_figure_functions_reject_the_wrong_inputs():
     with pytest.raises(ValueError, match="must be 2D"):
         figures.surface_3d(SLICES)

@@ -161,12 +161,18 @@ def test_interrupted_grid_resumes_to_the_uninterrupted_result(tmp_path, monkeypa
 
 def test_a_lone_file_at_the_path_is_never_overwritten(tmp_path):
     (tmp_path / "grid.npz").write_bytes(b"user data")
-    with pytest.raises(FileExistsError, match="not a surface saved by this version"):
+    with pytest.raises(FileExistsError, match="not a surface saved by landscape.surface"):
         surface.slice_1d(small_cnn(), F.cross_entropy, cnn_data(), steps=3, path=tmp_path / "grid", progress=False)
     assert (tmp_path / "grid.npz").read_bytes() == b"user data"
     np.savez(tmp_path / "arrays.npz", loss=np.zeros(3))  # an npz, but not a surface
-    with pytest.raises(FileExistsError, match="not a surface saved by this version"):
+    with pytest.raises(FileExistsError, match="not a surface saved by landscape.surface"):
         surface.slice_1d(small_cnn(), F.cross_entropy, cnn_data(), steps=3, path=tmp_path / "arrays", progress=False)
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 a cut-off zip")  # np.load raises BadZipFile
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "array.npy").rename(tmp_path / "plain.npz")  # an .npy under an .npz name
+    for name in ("broken", "plain"):
+        with pytest.raises(FileExistsError, match="not a surface saved by landscape.surface"):
+            surface.slice_1d(small_cnn(), F.cross_entropy, cnn_data(), steps=3, path=tmp_path / name, progress=False)
     (tmp_path / "notes.json").write_text("{}")
     with pytest.raises(FileExistsError, match="without its pair"):
         surface.slice_1d(small_cnn(), F.cross_entropy, cnn_data(), steps=3, path=tmp_path / "notes", progress=False)
@@ -212,6 +218,21 @@ def test_a_run_killed_between_its_two_files_resumes_and_nan_points_count_as_done
     assert np.isnan(surface.load(tmp_path / "line").loss[2])
     with pytest.raises(ValueError, match="info may not set"):
         surface.slice_1d(model, F.cross_entropy, data, **{**kwargs, "info": {"recipe": 1}})
+
+    # killed after the last npz and before the last json: the finished grid's json is brought up to date
+    saved = json.loads((tmp_path / "line.json").read_text())
+    (tmp_path / "line.json").write_text(json.dumps({**saved, "points_done": 4}))
+    surface.slice_1d(model, F.cross_entropy, data, **kwargs)
+    assert evaluated == [] and json.loads((tmp_path / "line.json").read_text())["points_done"] == 5
+
+    # a file from the version before the recipe moved into the npz: read by load(), refused for resuming
+    np.savez(tmp_path / "old.npz", loss=arrays["loss"], accuracy=arrays["accuracy"], coords_0=arrays["coords_0"])
+    (tmp_path / "old.json").write_text(json.dumps({"recipe": {"kind": "random"}, "points_done": 5, "points_total": 5}))
+    old = surface.load(tmp_path / "old")
+    np.testing.assert_array_equal(old.loss, arrays["loss"])
+    np.testing.assert_array_equal(old.coords[0], arrays["coords_0"])
+    with pytest.raises(FileExistsError, match="saved by an earlier version"):
+        surface.slice_1d(model, F.cross_entropy, data, **{**kwargs, "path": tmp_path / "old"})
 
 
 def test_an_interpolation_resumes_its_undone_points_only(tmp_path, monkeypatch):

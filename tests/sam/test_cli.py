@@ -170,15 +170,24 @@ def test_surface_command_compares_two_runs_with_one_recipe_and_resumes(trained_r
     before = np.load(trained_run / "surface_2d_test.npz")["loss"]
     assert main([*argv, "--plot"]) == 0  # complete: resumes with nothing left to do, then draws both
     np.testing.assert_array_equal(np.load(trained_run / "surface_2d_test.npz")["loss"], before)
-    for figure in ("surface_2d_test_3d", "surface_2d_test_contours"):
+    stem = f"surface_2d_test_{trained_run.name}_vs_{other.name}"
+    for figure in (f"{stem}_3d", f"{stem}_contours"):
         assert (trained_run / f"{figure}.png").stat().st_size > 0 and (trained_run / f"{figure}.pdf").stat().st_size > 0
-    page = (trained_run / "surface_2d_test.html").read_text()
+    page = (trained_run / f"{stem}.html").read_text()
     assert page.count("<section") == 1 and trained_run.name in page and other.name in page and "plotly" in page
+    assert f"<td>{before[1, 1]:.4g}</td>" in page  # the loss at the model, the grid's centre
     assert main([*argv[:4], "--dim", "2", "--steps", "3", "--split", "test", "--seed", "7", "--no-progress"]) == 2
     assert "different recipe" in capsys.readouterr().err
     assert main(["surface", str(trained_run), "--interpolate", str(other), "--steps", "3", "--split", "test",
                  "--plot", "--no-progress"]) == 0
-    assert (trained_run / "interpolation_test.png").exists() and (trained_run / "interpolation_test.html").exists()
+    assert (trained_run / f"interpolation_test_{trained_run.name}_vs_{other.name}.png").exists()
+    assert (trained_run / f"interpolation_test_{trained_run.name}_vs_{other.name}.html").exists()
+    for flags, message in ((["--dim", "1"], "--dim has no effect with --interpolate"),
+                           (["--directions", "pca"], "--directions has no effect with --interpolate")):
+        assert main(["surface", str(trained_run), "--interpolate", str(other), *flags, "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+    assert main([*argv[:2], "--interpolate-buffers", "a", "--no-progress"]) == 2
+    assert "--interpolate-buffers needs --interpolate" in capsys.readouterr().err
     assert np.load(trained_run / "interpolation_test.npz")["loss"].shape == (3,)
     # the training split gets its own file beside the test split's, with its own data in the recipe
     assert main([*argv[:4], "--dim", "2", "--steps", "3", "--split", "train", "--no-progress"]) == 0
@@ -194,21 +203,21 @@ def test_surface_along_pca_and_hessian_directions(tmp_path, capsys):
     assert main(["train", "--out", str(run), "--epochs", "4", "--batch-size", "256", "--snapshot-every", "1",
                  "--no-progress"]) == 0
     assert main(["surface", str(run), "--directions", "pca", "--steps", "3", "--split", "test", "--no-progress"]) == 0
-    saved = json.loads((run / "surface_2d_test.json").read_text())
+    saved = json.loads((run / "surface_2d_pca_test.json").read_text())
     assert saved["recipe"]["kind"] == "given" and len(saved["pca"]["coordinates"]) == 4
     assert saved["pca"]["coordinates"][-1] == [0.0, 0.0]  # the final snapshot is the model itself
     beyond = not -1 <= min(min(p) for p in saved["pca"]["coordinates"]) <= max(max(p) for p in saved["pca"]["coordinates"]) <= 1
     assert ("widen --span to draw all of it" in capsys.readouterr().err) == beyond  # said when the path leaves the grid
     assert main(["surface", str(run), "--directions", "pca", "--steps", "3", "--split", "test", "--plot",
                  "--no-progress"]) == 0
-    assert '"name":"snap: training path"' in (run / "surface_2d_test.html").read_text()
+    assert '"name":"snap: training path"' in (run / "surface_2d_pca_test.html").read_text()
     ratios = saved["pca"]["explained_variance_ratio"]
     assert ratios == sorted(ratios, reverse=True) and 0.5 < sum(ratios) <= 1.0 + 1e-12
     assert main(["surface", str(run), "--directions", "hessian", "--dim", "1", "--steps", "3", "--split", "test",
                  "--no-progress"]) == 0
-    line = np.load(run / "surface_1d_test.npz")["loss"]
+    line = np.load(run / "surface_1d_hessian_test.npz")["loss"]
     assert line[1] < line[0] and line[1] < line[2]  # a minimum along the top eigenvector
-    assert json.loads((run / "surface_1d_test.json").read_text())["hessian"]["eigenvalues"][0] > 0
+    assert json.loads((run / "surface_1d_hessian_test.json").read_text())["hessian"]["eigenvalues"][0] > 0
 
 
 def test_sharpness_command_writes_every_measure_beside_the_run(trained_run, capsys):
@@ -473,14 +482,15 @@ def test_surface_along_hessian_directions_resumes_without_rerunning_lanczos(tmp_
     monkeypatch.setattr(hessian, "top_eigenvalues", counted)
     monkeypatch.setattr(surface, "_save", killed_after_two_passes)
     assert main(argv) == 130
-    saved = json.loads((run / "surface_1d_test.json").read_text())
+    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+    saved = json.loads((run / "surface_1d_hessian_test.json").read_text())
     assert saved["points_done"] == 2 and saved["hessian"]["eigenvalues"][0] > 0  # recorded from the first write
     monkeypatch.setattr(surface, "_save", real_save)
     assert main(argv) == 0
     assert calls["lanczos"] == 1  # the resumed run read the directions back
-    resumed = np.load(run / "surface_1d_test.npz")["loss"]
+    resumed = np.load(run / "surface_1d_hessian_test.npz")["loss"]
     assert main([*argv, "--overwrite"]) == 0 and calls["lanczos"] == 2
-    np.testing.assert_allclose(np.load(run / "surface_1d_test.npz")["loss"], resumed, rtol=1e-6)
+    np.testing.assert_allclose(np.load(run / "surface_1d_hessian_test.npz")["loss"], resumed, rtol=1e-6)
     capsys.readouterr()
     assert main([*argv, "--seed", "3"]) == 2 and calls["lanczos"] == 3  # another start vector: computed afresh ...
     assert "directions_sha256" in capsys.readouterr().err  # ... and refused, not mixed into the saved grid

@@ -330,6 +330,19 @@ def test_cli_trains_and_analyses_under_torchrun(tmp_path: Path) -> None:
     np.testing.assert_allclose(surface.load(tmp_path / "ddp-surface" / "surface_2d_test").loss,
                                surface.load(tmp_path / "single-surface" / "surface_2d_test").loss, rtol=1e-6)
 
+    # Hessian directions: computed once by every rank together, kept by rank 0; a rerun reads them back
+    hessian_surface = ["surface", "ddp", "--directions", "hessian", "--dim", "1", "--steps", "3", *analysis,
+                       "--out", "ddp-hessian-surface"]
+    _torchrun(*hessian_surface, cwd=tmp_path)
+    store = tmp_path / "ddp-hessian-surface" / "surface_1d_hessian_test.directions.pt"
+    written = store.stat().st_mtime_ns
+    _torchrun(*hessian_surface, cwd=tmp_path)
+    assert store.stat().st_mtime_ns == written
+    assert main(["surface", str(tmp_path / "ddp"), *hessian_surface[2:-1], str(tmp_path / "single-hessian-surface")]) == 0
+    np.testing.assert_allclose(surface.load(tmp_path / "ddp-hessian-surface" / "surface_1d_hessian_test").loss,
+                               surface.load(tmp_path / "single-hessian-surface" / "surface_1d_hessian_test").loss,
+                               rtol=1e-6)
+
 
 def test_cli_refuses_single_process_commands_under_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
