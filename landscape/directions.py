@@ -346,13 +346,21 @@ def pca_directions(
     """PCA directions of an optimisation trajectory (Li et al. 2018, Sec. 7).
 
     With :math:`M \\in \\mathbb R^{m \\times n}` the matrix whose row :math:`i` is the flattened
-    :math:`w_i - w_{\\text{final}}` and its economy SVD :math:`M = U S V^\\top` (float64, cost
-    :math:`O(m^2 n)` for ``m`` snapshots of ``n`` parameters),
+    :math:`w_i - w_{\\text{final}}` and its SVD :math:`M = U S V^\\top`, computed from the ``m x m`` Gram
+    matrix :math:`G = M M^\\top = U S^2 U^\\top` (float64, cost :math:`O(m^2 n)` for ``m`` snapshots of
+    ``n`` parameters),
 
     .. math::
 
-        d_k = V_{:,k},\\qquad \\text{ratio}_k = \\frac{s_k^2}{\\sum_i s_i^2},\\qquad
-        \\text{coordinates}_{i,k} = \\langle w_i - w_{\\text{final}}, d_k \\rangle = (U S)_{i,k}.
+        d_k = V_{:,k} = M^\\top U_{:,k} / s_k,\\qquad \\text{ratio}_k = \\frac{s_k^2}{\\operatorname{tr} G},
+        \\qquad \\text{coordinates}_{i,k} = \\langle w_i - w_{\\text{final}}, d_k \\rangle = (U S)_{i,k}.
+
+    ``M`` is never formed: ``G`` and the ``d_k`` are accumulated over blocks of columns of about
+    :data:`PCA_BLOCK_ELEMENTS` entries, each moved to the device of ``final`` in float64, so the
+    snapshots may stay on the CPU (memory-mapped checkpoints, ``torch.load(..., mmap=True)``) and the
+    memory beyond them is one block plus the directions. (200 snapshots of WRN-28-10 would need 58 GB as
+    one float64 matrix.) The Gram matrix resolves singular values down to about ``1e-6 s_1``; smaller
+    ones count as absent.
 
     The rows are not centred: the plane passes through the final point, which is the origin of the
     surface drawn around it, and the ratios are shares of the second moment about that point (sklearn's
@@ -381,29 +389,54 @@ def pca_directions(
         )
     for i, s in enumerate(snapshots):
         _check_same_layout("final", reference, f"snapshots[{i}]", s)
-    ref_flat = layout.flatten(reference).to(_F64)
-    matrix = torch.stack([layout.flatten(s).to(device=ref_flat.device, dtype=_F64) - ref_flat for s in snapshots])
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    total = float((s**2).sum())
+    device = next(iter(reference.values())).device
+    gram = torch.zeros(m, m, dtype=_F64, device=device)
+    for _, _, block in _trajectory_blocks(snapshots, reference, layout.names, device):
+        gram += block @ block.T
+    total = float(gram.trace())
     if total == 0.0:
         raise ValueError("every snapshot equals final; the trajectory has no direction")
-    tol = s[0] * max(matrix.shape) * torch.finfo(_F64).eps
-    rank = int((s > tol).sum())
+    eigenvalues, u = torch.linalg.eigh(gram)
+    eigenvalues, u = eigenvalues.flip(0).clamp_min(0.0), u.flip(1)  # descending
+    rank = int((eigenvalues > eigenvalues[0] * 1e-12).sum())
     if rank < n_components:
         raise ValueError(f"the trajectory spans {rank} dimension(s); cannot take n_components={n_components}")
-    coords = u[:, :n_components] * s[:n_components]
-    vh = vh[:n_components]
+    s = eigenvalues[:n_components].sqrt()
+    u = u[:, :n_components]
     # SVD signs are arbitrary; fix them so that repeated runs give the same picture.
+    coords = u * s
     pivot = coords.abs().argmax(dim=0)
     signs = torch.sign(coords[pivot, torch.arange(n_components)])
-    coords, vh = coords * signs, vh * signs[:, None]
+    coords, u = coords * signs, u * signs
     dtype = next(iter(reference.values())).dtype
-    directions = [{k: t.to(dtype).clone() for k, t in layout.unflatten(row).items()} for row in vh]
+    flat = {name: torch.empty(n_components, reference[name].numel(), dtype=_F64, device=device) for name in layout.names}
+    for name, columns, block in _trajectory_blocks(snapshots, reference, layout.names, device):
+        flat[name][:, columns] = (u.T @ block) / s[:, None]
+    directions = [{name: flat[name][k].view(reference[name].shape).to(dtype) for name in layout.names}
+                  for k in range(n_components)]
     return PCAResult(
         directions=directions,
-        explained_variance_ratio=(s[:n_components] ** 2 / total).cpu().numpy(),
+        explained_variance_ratio=(s**2 / total).cpu().numpy(),
         coordinates=coords.cpu().numpy(),
     )
+
+
+PCA_BLOCK_ELEMENTS = 2**24
+"""Entries of the largest block of the trajectory matrix in flight in :func:`pca_directions` (128 MiB in float64)."""
+
+
+def _trajectory_blocks(
+    snapshots: Sequence[Mapping[str, Tensor]], reference: Mapping[str, Tensor], names: Sequence[str], device: torch.device,
+):
+    """``(name, columns, block)``: the rows ``w_i - w_final`` restricted to a slice of one tensor's
+    flattened entries, float64 on ``device``, tensor by tensor in ``names`` order."""
+    width = max(1, PCA_BLOCK_ELEMENTS // len(snapshots))
+    for name in names:
+        origin = reference[name].reshape(-1)
+        for start in range(0, origin.numel(), width):
+            columns = slice(start, min(start + width, origin.numel()))
+            rows = [s[name].reshape(-1)[columns].to(device, _F64) for s in snapshots]
+            yield name, columns, torch.stack(rows) - origin[columns].to(device, _F64)
 
 
 # -------------------------------------------------------------------------------------------- helpers

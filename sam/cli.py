@@ -832,9 +832,9 @@ def _surface_directions(args: argparse.Namespace, run: Any, data: Any, dtype: An
                          f"(train with --snapshot-every N); found {len(snapshots)}")
     names = [n for n, p in run.model.named_parameters() if p.requires_grad]
 
-    def load(path: Path) -> dict:
-        state = torch.load(path, map_location=device, weights_only=True)
-        return {n: state[n].to(dtype) for n in names}
+    def load(path: Path) -> dict:  # memory-mapped on the CPU: pca_directions moves one block at a time
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {n: state[n] for n in names}
 
     final = {n: p.detach().to(device, dtype) for n, p in run.model.named_parameters() if p.requires_grad}
     pca = dirs.pca_directions([load(p) for p in snapshots], final, n_components=args.dim)

@@ -198,6 +198,33 @@ def test_pca_recovers_plane_of_synthetic_trajectory():
     np.testing.assert_allclose(explicit.coordinates[:, 0], result.coordinates[:, 0], atol=1e-12)
 
 
+def test_pca_in_small_blocks_of_memory_mapped_snapshots_equals_a_dense_svd(tmp_path, monkeypatch):
+    final = make_params(F64)
+    layout = ParamLayout.of(final)
+    g = torch.Generator().manual_seed(5)
+    f = layout.flatten(final)
+    rows = torch.randn(6, 3, generator=g, dtype=F64) @ torch.randn(3, layout.size, generator=g, dtype=F64)  # rank 3
+    for i, row in enumerate(rows):
+        torch.save({k: x.float() for k, x in layout.unflatten(f + row).items()}, tmp_path / f"s{i}.pt")
+    snapshots = [torch.load(tmp_path / f"s{i}.pt", weights_only=True, mmap=True) for i in range(6)]
+    final32 = {k: x.float() for k, x in final.items()}
+    monkeypatch.setattr(D, "PCA_BLOCK_ELEMENTS", 13)  # 2 columns per block: every tensor in several blocks
+    result = D.pca_directions(snapshots, final32, n_components=3)
+
+    matrix = np.stack([layout.flatten({k: x.double() for k, x in s.items()}).numpy() for s in snapshots])
+    matrix -= layout.flatten({k: x.double() for k, x in final32.items()}).numpy()
+    u, sv, vh = np.linalg.svd(matrix, full_matrices=False)  # the dense reference
+    signs = np.sign((u[:, :3] * sv[:3])[np.abs(u[:, :3]).argmax(axis=0), range(3)])
+    np.testing.assert_allclose(result.coordinates, u[:, :3] * sv[:3] * signs, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(result.explained_variance_ratio, sv[:3] ** 2 / (sv**2).sum(), rtol=1e-10)
+    for k, d in enumerate(result.directions):
+        assert d["fc.weight"].dtype == torch.float32
+        np.testing.assert_allclose(layout.flatten({n: x.double() for n, x in d.items()}).numpy(), vh[k] * signs[k],
+                                   rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="spans 3 dimension"):
+        D.pca_directions(snapshots, final32, n_components=4)
+
+
 def test_pca_rejects_degenerate_inputs():
     final = make_params(F64)
     line = [{k: v + s for k, v in final.items()} for s in (2.0, 1.0, 0.0)]
