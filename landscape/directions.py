@@ -18,7 +18,7 @@ Every function is pure: it returns new tensors and never modifies its arguments.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -427,7 +427,7 @@ PCA_BLOCK_ELEMENTS = 2**24
 
 def _trajectory_blocks(
     snapshots: Sequence[Mapping[str, Tensor]], reference: Mapping[str, Tensor], names: Sequence[str], device: torch.device,
-):
+) -> Iterator[tuple[str, slice, Tensor]]:
     """``(name, columns, block)``: the rows ``w_i - w_final`` restricted to a slice of one tensor's
     flattened entries, float64 on ``device``, tensor by tensor in ``names`` order."""
     width = max(1, PCA_BLOCK_ELEMENTS // len(snapshots))
