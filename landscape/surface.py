@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sam import distributed as _distributed
-from sam._io import atomic_write, atomic_write_json
+from sam._io import atomic_write, atomic_write_json, differing_keys
 
 from ._checks import check_int
 from .directions import _check_same_layout, difference, random_direction, random_plane
@@ -347,14 +347,14 @@ def _read_saved(npz_path: Path, json_path: Path, recipe: dict[str, Any]) -> tupl
         return None
     saved = _read_npz(npz_path)
     if saved is None:
-        if _is_legacy(npz_path):
-            raise FileExistsError(f"{npz_path} was saved by an earlier version of landscape.surface, whose recipe "
-                                  "lacks the data and buffer hashes; delete it (or pass --overwrite) to recompute")
         raise FileExistsError(f"{npz_path} is not a surface saved by landscape.surface; move it away "
                               "(it is not overwritten)")
-    loss, accuracy, done, saved_recipe = saved
+    loss, accuracy, done, saved_recipe, _ = saved
+    if saved_recipe is None:
+        raise FileExistsError(f"{npz_path} was saved by an earlier version of landscape.surface, whose recipe "
+                              "lacks the data and buffer hashes; delete it (or pass --overwrite) to recompute")
     if saved_recipe != recipe:
-        differing = sorted(k for k in set(saved_recipe) | set(recipe) if saved_recipe.get(k) != recipe.get(k))
+        differing = differing_keys(saved_recipe, recipe)
         raise ValueError(
             f"{npz_path} holds a surface with a different recipe (differs in {differing}); "
             "choose another path, or delete the file to start again"
@@ -371,25 +371,24 @@ def _json_behind(json_path: Path, done: np.ndarray) -> bool:
         return True
 
 
-def _read_npz(npz_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]] | None:
-    """``(loss, accuracy, done, recipe)`` from a saved ``.npz``; ``None`` if it is not one of ours."""
+def _read_npz(npz_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any] | None, list[np.ndarray]] | None:
+    """``(loss, accuracy, done, recipe, coords)`` from a saved ``.npz``; ``None`` if it is not a surface.
+
+    A file of an earlier version holds only the values and coordinates: its ``recipe`` is ``None`` (it is
+    in the ``.json``) and NaN marks the points not done.
+    """
     try:
         with np.load(npz_path) as stored:
-            if not {"loss", "accuracy", "done", "recipe"} <= set(getattr(stored, "files", ())):
+            files = set(getattr(stored, "files", ()))
+            if not {"loss", "accuracy"} <= files:
                 return None
-            return (stored["loss"].copy(), stored["accuracy"].copy(), stored["done"].astype(bool),
-                    json.loads(str(stored["recipe"])))
+            loss, accuracy = stored["loss"].copy(), stored["accuracy"].copy()
+            coords = [stored[f"coords_{i}"] for i in range(loss.ndim)]
+            if "recipe" not in files:
+                return loss, accuracy, ~np.isnan(loss), None, coords
+            return loss, accuracy, stored["done"].astype(bool), json.loads(str(stored["recipe"])), coords
     except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile):  # not an npz of ours
         return None
-
-
-def _is_legacy(npz_path: Path) -> bool:
-    """An ``.npz`` written before the recipe and done-mask moved into it (loss and accuracy only)."""
-    try:
-        with np.load(npz_path) as stored:
-            return {"loss", "accuracy"} <= set(getattr(stored, "files", ())) and "recipe" not in stored.files
-    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile):
-        return False
 
 
 def _evaluate_shared(
@@ -620,15 +619,9 @@ def load(path: str | Path) -> SurfaceResult:
     if not npz_path.exists():
         raise FileNotFoundError(f"{npz_path} not found: no saved surface at {path}")
     saved = _read_npz(npz_path)
-    if saved is None and _is_legacy(npz_path) and json_path.exists():  # values only; NaN marks what was not done
-        with np.load(npz_path) as stored:
-            loss, accuracy = stored["loss"], stored["accuracy"]
-        saved = loss, accuracy, ~np.isnan(loss), json.loads(json_path.read_text()).get("recipe", {})
-    if saved is None:
+    if saved is None or (saved[3] is None and not json_path.exists()):  # an earlier version's recipe is in its .json
         raise ValueError(f"{npz_path} is not a surface saved by landscape.surface")
-    loss, accuracy, done, recipe = saved
+    loss, accuracy, done, recipe, coords = saved
     meta = json.loads(json_path.read_text()) if json_path.exists() else {
         "recipe": recipe, "points_done": int(np.count_nonzero(done)), "points_total": int(done.size)}
-    with np.load(npz_path) as stored:
-        coords = [stored[f"coords_{i}"] for i in range(loss.ndim)]
     return SurfaceResult(coords, loss, accuracy, meta)

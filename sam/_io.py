@@ -14,7 +14,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_torch_save", "atomic_write_json", "atomic_write_text", "differing_keys"]
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -60,3 +60,12 @@ class _suppress_oserror:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         return exc_type is not None and issubclass(exc_type, OSError)
+
+
+_MISSING = object()
+
+
+def differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys, sorted, whose values differ between a saved configuration and the current one (a key
+    present in only one of them differs, even when its value is ``None``)."""
+    return sorted(k for k in set(saved) | set(current) if saved.get(k, _MISSING) != current.get(k, _MISSING))

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_write_json, atomic_write_text
+from ._io import atomic_write_json, atomic_write_text, differing_keys
 from .data import load_dataset
 from .optim import BASE_OPTIMIZERS, available_optimizers
 from .trainer import TrainConfig, load_run_config, train
@@ -236,14 +236,11 @@ def _check_study_config(config: NoiseStudyConfig, path: Path) -> None:
         return
     saved = _flatten(json.loads(path.read_text()))
     current = _flatten(json.loads(json.dumps(config.to_dict())))
-    keys = sorted(k for k in set(saved) | set(current) if saved.get(k, _MISSING) != current.get(k, _MISSING))
+    keys = differing_keys(saved, current)
     if keys:
         details = "; ".join(f"{k}: saved {saved.get(k)!r}, given {current.get(k)!r}" for k in keys)
         raise ValueError(f"{path} holds a noise study with different settings ({details}); "
                          "use another --out or the same settings to resume it")
-
-
-_MISSING = object()
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

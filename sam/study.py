@@ -36,7 +36,7 @@ from scipy.stats import kendalltau
 
 from landscape.sharpness import MeasureSettings, measure_all, measure_columns, sharpness_objective
 
-from ._io import atomic_write_json, atomic_write_text
+from ._io import atomic_write_json, atomic_write_text, differing_keys
 from .trainer import TrainConfig, load_run, resolve_device, train
 
 __all__ = ["StudyConfig", "StudyResult", "study_grid", "run_study", "kendall_table", "format_kendall", "GAPS"]
@@ -192,8 +192,7 @@ def _check_study_config(config: StudyConfig, path: Path) -> None:
     saved = {k: v for k, v in json.loads(path.read_text()).items() if k != "max_train_error"}
     current = {k: v for k, v in json.loads(json.dumps(config.to_dict())).items() if k != "max_train_error"}
     if saved != current:
-        keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        raise ValueError(f"{path} holds a study with different settings ({', '.join(keys)}); "
+        raise ValueError(f"{path} holds a study with different settings ({', '.join(differing_keys(saved, current))}); "
                          "use another --out or the same settings to resume it")
 
 
