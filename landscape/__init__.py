@@ -10,10 +10,15 @@ Every analysis is a function of a fixed model on a fixed dataset (:mod:`landscap
   ``torch.vmap`` and resumable; :mod:`landscape.directions`: the directions (filter-normalised random,
   two/three models, Hessian eigenvectors, PCA of a trajectory);
 * :mod:`landscape.sharpness`: m-sharpness (vectorised over chunks with ``torch.vmap``), worst- and
-  average-case adaptive sharpness, Keskar epsilon-sharpness and PAC-Bayes flatness.
+  average-case adaptive sharpness, Keskar epsilon-sharpness and PAC-Bayes flatness;
+* :mod:`landscape.distributed` (process groups under ``torchrun``), :mod:`landscape.storage` (atomic
+  writes, reads that name a bad file) and :mod:`landscape.progress` (progress bars on a terminal, plain
+  lines in a log): the ground that :mod:`sam` builds on too. ``landscape`` never imports ``sam``.
 """
 
-from . import density, directions, hessian, lanczos, linop, objective, sharpness, surface, trace
+from . import density, directions, distributed, hessian, lanczos, linop, objective, progress
+from . import sharpness, storage, surface, trace
 from .objective import Objective
 
-__all__ = ["hessian", "surface", "sharpness", "directions", "objective", "lanczos", "linop", "trace", "density", "Objective"]
+__all__ = ["hessian", "surface", "sharpness", "directions", "objective", "lanczos", "linop", "trace", "density",
+           "distributed", "storage", "progress", "Objective"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from sam._io import atomic_write, atomic_write_json
+from .storage import atomic_write, atomic_write_json
 
 __all__ = ["save_results", "result_paths"]
 

@@ -51,17 +51,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from .lanczos import lanczos_tridiagonal, tridiagonal_eigh
 from ._checks import check_int, check_operator
+from .lanczos import lanczos_tridiagonal, tridiagonal_eigh
 from .linop import LinearOperator
+from .progress import progress_bar
 
 __all__ = [
     "SLQResult",
     "Density",
     "slq_start_vector",
     "slq_nodes",
+    "concatenate_slq",
     "slq_quadrature",
     "default_sigma_squared",
     "gaussian_density",
@@ -190,7 +191,8 @@ def _quadrature_rule(alpha: Tensor, beta: Tensor) -> tuple[np.ndarray, np.ndarra
 
 
 def slq_nodes(
-    op: LinearOperator, n_runs: int = 10, n_steps: int = 80, *, seed: int = 0, progress: bool = True
+    op: LinearOperator, n_runs: int = 10, n_steps: int = 80, *, seed: int = 0, progress: bool = True,
+    first_run: int = 0,
 ) -> SLQResult:
     """Stochastic Lanczos quadrature nodes and weights (Ghorbani et al. 2019, Sec. 3; Ubaru et al. 2017).
 
@@ -209,6 +211,9 @@ def slq_nodes(
             ``n_steps x n`` basis on the device for the reorthogonalisation).
         seed: non-negative seed of the start vectors.
         progress: show a progress bar over the runs.
+        first_run: index of the first run: runs ``first_run, ..., first_run + n_runs - 1`` are computed,
+            so a long computation can be done (and saved) a run at a time and joined with
+            :func:`concatenate_slq`, equal bit for bit to one call.
 
     Returns:
         An :class:`SLQResult`.
@@ -229,24 +234,50 @@ def slq_nodes(
     n_runs = check_int("n_runs", n_runs, 1)
     n_steps = check_int("n_steps", n_steps, 1)
     seed = check_int("seed", seed, 0)
+    first_run = check_int("first_run", first_run, 0)
 
     rules = []
     n_matvecs = 0
-    for run in tqdm(range(n_runs), desc="SLQ", unit="run", disable=not progress, leave=False):
+    runs = range(first_run, first_run + n_runs)
+    for run in progress_bar(runs, desc="SLQ", unit="run", enabled=progress, leave=False):
         v0 = slq_start_vector(n, run, seed=seed, dtype=op.dtype, device=op.device)
         dec = lanczos_tridiagonal(op, v0, n_steps, reorthogonalize=True, keep_basis=False)
         n_matvecs += int(dec.n_matvecs)
         rules.append(_quadrature_rule(dec.alpha, dec.beta))
+    return _padded(rules, n_matvecs, n)
 
+
+def _padded(rules: list[tuple[np.ndarray, np.ndarray]], n_matvecs: int, dim: int) -> SLQResult:
+    """Runs of different lengths as one :class:`SLQResult`, padded as its docstring describes."""
     m_max = max(len(theta) for theta, _ in rules)
-    nodes = np.empty((n_runs, m_max), dtype=np.float64)
-    weights = np.zeros((n_runs, m_max), dtype=np.float64)
+    nodes = np.empty((len(rules), m_max), dtype=np.float64)
+    weights = np.zeros((len(rules), m_max), dtype=np.float64)
     for row, (theta, tau) in enumerate(rules):
         nodes[row, : len(theta)] = theta
         nodes[row, len(theta) :] = theta[-1]
         weights[row, : len(tau)] = tau
     n_nodes = np.array([len(theta) for theta, _ in rules], dtype=np.int64)
-    return SLQResult(nodes=nodes, weights=weights, n_nodes=n_nodes, n_matvecs=n_matvecs, dim=n)
+    return SLQResult(nodes=nodes, weights=weights, n_nodes=n_nodes, n_matvecs=n_matvecs, dim=dim)
+
+
+def concatenate_slq(results: list[SLQResult]) -> SLQResult:
+    """The runs of several :class:`SLQResult` (of one operator) as one, in order.
+
+    Example:
+        >>> import torch
+        >>> from landscape.linop import DenseOperator
+        >>> A = DenseOperator(torch.diag(torch.linspace(0.0, 1.0, 30, dtype=torch.float64)))
+        >>> whole = slq_nodes(A, n_runs=3, n_steps=8, progress=False)
+        >>> parts = [slq_nodes(A, n_runs=1, n_steps=8, first_run=r, progress=False) for r in range(3)]
+        >>> bool(np.array_equal(concatenate_slq(parts).nodes, whole.nodes))
+        True
+    """
+    if not results:
+        raise ValueError("concatenate_slq needs at least one SLQResult")
+    if len({r.dim for r in results}) != 1:
+        raise ValueError(f"the results come from operators of different sizes {sorted({r.dim for r in results})}")
+    rules = [r.run(i) for r in results for i in range(r.n_runs)]
+    return _padded(rules, sum(r.n_matvecs for r in results), results[0].dim)
 
 
 def slq_quadrature(result: SLQResult, f=None) -> float:

@@ -31,8 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sam import distributed as _distributed
-
+from . import distributed as _distributed
 from .density import Density, density_from_operator
 from .lanczos import EigenResult, arpack_eigenpairs, power_iteration, top_eigenpairs
 from .objective import Data, HessianOperator, LossFn, Objective

@@ -508,7 +508,7 @@ def top_eigenpairs(
             Larger means fewer restarts and usually fewer products, and more memory.
         v0: start vector (length ``n``); default a seeded Gaussian vector.
         seed: seeds the start vector and every random restart vector (``torch.Generator`` on the CPU).
-        progress: show a tqdm bar of products used and the largest relative residual estimate.
+        progress: show a progress bar of products used and the largest relative residual estimate.
         confirm: after convergence, lock the pairs and search their complement from a random vector
             for copies of multiple eigenvalues (see above); off by default because it adds products.
 
@@ -564,9 +564,9 @@ def top_eigenpairs(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=max_matvecs, desc=f"lanczos top-{k} {which}", unit="matvec")
+        bar = progress_bar(total=max_matvecs, desc=f"lanczos top-{k} {which}", unit="matvec")
     try:
         while True:
             # One Lanczos step on v_{j+1} = r: column j of T from the reorthogonalisation coefficients.

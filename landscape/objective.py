@@ -15,7 +15,7 @@ DataLoader must yield the same data twice) raises :class:`NondeterministicObject
 train-mode BatchNorm, dropout, shuffling or augmentation.
 
 Data-parallel over processes (``distributed=True`` under ``torchrun``): each process holds a shard of
-the data (e.g. its :func:`sam.distributed.shard`), the weights ``n_b / N`` use the global ``N``, and every
+the data (e.g. its :func:`landscape.distributed.shard`), the weights ``n_b / N`` use the global ``N``, and every
 quantity is the process's partial sum reduced with one ``all_reduce``: one Hessian-vector product is one
 collective, and every process gets the same result (so Lanczos runs in lockstep on all of them).
 """
@@ -32,8 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
-from sam import distributed as _distributed
-
+from . import distributed as _distributed
 from .linop import LinearOperator
 
 __all__ = [

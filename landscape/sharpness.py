@@ -50,11 +50,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value
-from tqdm.auto import tqdm
 
 from ._checks import check_int
 from .lanczos import top_eigenpairs
 from .objective import Data, LossFn, Objective, Params, evaluation_objective
+from .progress import progress_bar
 
 __all__ = [
     "ASCENTS",
@@ -417,7 +417,7 @@ def _worst_case(
     vectorised = batched and m <= budget
     group = _chunks_per_call(m, n_params, budget) if vectorised else 1
     bases, bests = [], []
-    bar = tqdm(total=chunks.shape[0], desc=desc, unit="chunk", disable=not progress, leave=False)
+    bar = progress_bar(total=chunks.shape[0], desc=desc, unit="chunk", enabled=progress, leave=False)
     for start in range(0, chunks.shape[0], group):
         idx = chunks[start : start + group]
         x, y = x_all[idx], y_all[idx]  # (G, m, ...)
@@ -637,7 +637,7 @@ def average_sharpness(
     scale = _scale(origin, adaptive, eta)
     base = float(objective.loss(origin))
     increases = []
-    for j in tqdm(range(n_samples), desc=f"average sharpness ({noise})", disable=not progress, leave=False):
+    for j in progress_bar(range(n_samples), desc=f"average sharpness ({noise})", unit="draw", enabled=progress, leave=False):
         z = _noise(origin, seed + j, noise, p)
         c = scale if scale is not None else {k: 1.0 for k in origin}
         params = {k: origin[k] + rho * c[k] * z[k] for k in origin}
@@ -742,7 +742,7 @@ def pac_bayes_flatness(
         arr = np.asarray(accs)
         return float(arr.mean()), float(arr.std(ddof=1) / math.sqrt(n_samples)) if n_samples > 1 else 0.0
 
-    bar = tqdm(total=iterations + 1, desc="pac-bayes bisection", disable=not progress, leave=False)
+    bar = progress_bar(total=iterations + 1, desc="pac-bayes bisection", unit="step", enabled=progress, leave=False)
     acc_hi, se_hi = mean_accuracy(hi)
     bar.update()
     bracketed = acc_hi < target

@@ -34,18 +34,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from sam import distributed as _distributed
-from sam._io import atomic_write, atomic_write_json, differing_keys
-
+from . import distributed as _distributed
 from ._checks import check_int
 from .directions import _check_same_layout, difference, random_direction, random_plane
 from .objective import Data, LossFn, Objective, Params, _training_flags, evaluation_objective
+from .progress import progress_bar
+from .storage import atomic_write, atomic_write_json, differing_keys, read_json
 
 _CPU_EXAMPLE_POINTS_PER_CALL = 1024
 
-__all__ = ["SurfaceResult", "slice_1d", "slice_2d", "interpolate", "evaluate_points", "grid_points", "load"]
+__all__ = ["SurfaceResult", "RecipeMismatchError", "slice_1d", "slice_2d", "interpolate", "evaluate_points", "grid_points", "load"]
 
 
 @dataclass
@@ -60,12 +59,26 @@ class SurfaceResult:
             (regression, soft labels).
         meta: ``{"recipe": ..., **info}`` (the directions, ranges, data and model); :func:`load` returns
             the saved JSON, which also has ``points_done`` and ``points_total``.
+        computed: grid points evaluated by the call that returned it (0 when a saved grid was complete).
     """
 
     coords: list[np.ndarray]
     loss: np.ndarray
     accuracy: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    computed: int = 0
+
+
+class RecipeMismatchError(ValueError):
+    """The file at ``path`` holds a surface of another recipe; ``differing`` names the keys that differ."""
+
+    def __init__(self, path: Path, differing: list[str]) -> None:
+        self.path, self.differing = path, differing
+        super().__init__(f"{path} holds a surface with a different recipe (differs in {differing}); choose another "
+                         "path, or delete the file to start again")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # rank 0 hands it to the other ranks pickled
+        return type(self), (self.path, self.differing)
 
 
 def grid_points(coords: Sequence[np.ndarray]) -> np.ndarray:
@@ -313,8 +326,8 @@ def _compute_surface(
         if distributed:  # the same rounds on every process
             q = _distributed.broadcast_object(q)
     replicas = _distributed.world_size() if distributed else 1
-    bar = tqdm(total=points.shape[0], initial=points.shape[0] - todo.size, desc="surface", unit="pt",
-               disable=not progress or not writer)
+    bar = progress_bar(total=points.shape[0], initial=points.shape[0] - todo.size, desc="surface", unit="pt",
+                       enabled=progress and writer)
     for start in range(0, todo.size, q * replicas):
         index = todo[start : start + q * replicas]
         if distributed:
@@ -329,7 +342,7 @@ def _compute_surface(
         bar.update(index.size)
     bar.close()
     return SurfaceResult([np.asarray(c) for c in coords], loss.reshape(shape), accuracy.reshape(shape),
-                         {"recipe": recipe, **info})
+                         {"recipe": recipe, **info}, computed=int(todo.size))
 
 
 def _read_saved(npz_path: Path, json_path: Path, recipe: dict[str, Any]) -> tuple[np.ndarray, ...] | None:
@@ -339,7 +352,7 @@ def _read_saved(npz_path: Path, json_path: Path, recipe: dict[str, Any]) -> tupl
 
     Raises:
         FileExistsError: a lone ``.json``, or an ``.npz`` that is not a surface saved here.
-        ValueError: the saved recipe differs (naming the keys).
+        RecipeMismatchError: the saved recipe differs (naming the keys).
     """
     if not npz_path.exists():
         if json_path.exists():
@@ -354,11 +367,7 @@ def _read_saved(npz_path: Path, json_path: Path, recipe: dict[str, Any]) -> tupl
         raise FileExistsError(f"{npz_path} was saved by an earlier version of landscape.surface, whose recipe "
                               "lacks the data and buffer hashes; delete it (or pass --overwrite) to recompute")
     if saved_recipe != recipe:
-        differing = differing_keys(saved_recipe, recipe)
-        raise ValueError(
-            f"{npz_path} holds a surface with a different recipe (differs in {differing}); "
-            "choose another path, or delete the file to start again"
-        )
+        raise RecipeMismatchError(npz_path, differing_keys(saved_recipe, recipe))
     return loss.ravel(), accuracy.ravel(), done.ravel()
 
 
@@ -622,6 +631,6 @@ def load(path: str | Path) -> SurfaceResult:
     if saved is None or (saved[3] is None and not json_path.exists()):  # an earlier version's recipe is in its .json
         raise ValueError(f"{npz_path} is not a surface saved by landscape.surface")
     loss, accuracy, done, recipe, coords = saved
-    meta = json.loads(json_path.read_text()) if json_path.exists() else {
+    meta = read_json(json_path) if json_path.exists() else {
         "recipe": recipe, "points_done": int(np.count_nonzero(done)), "points_total": int(done.size)}
     return SurfaceResult(coords, loss, accuracy, meta)

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ._checks import check_int, check_operator
 from .linop import LinearOperator
+from .progress import progress_bar
 
 __all__ = ["TraceEstimate", "hutchinson", "hutch_plus_plus", "rademacher_probes"]
 
@@ -125,7 +125,7 @@ def hutchinson(
     chunk = 1 if batch is None else batch
     values = []
     done = 0
-    bar = tqdm(total=n_samples, desc="hutchinson", unit="probe", disable=not progress, leave=False)
+    bar = progress_bar(total=n_samples, desc="hutchinson", unit="probe", enabled=progress, leave=False)
     while done < n_samples:
         k = min(chunk, n_samples - done)
         Z = rademacher_probes(generator, k, n, dtype=op.dtype, device=op.device)

@@ -16,8 +16,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,11 +31,15 @@ import numpy as np
 from landscape import surface
 from landscape.plot import figures, interactive
 from landscape.plot.report import Section, write_report
+from landscape.sharpness import MeasureSettings
+from landscape.storage import CorruptFileError, read_json, read_jsonl
 
-from .trainer import TrainConfig, checkpoint_sha256, train
+from .analyses import HessianSettings, Inputs, SurfaceSettings, hessian_analysis, sharpness_analysis, surface_analysis
+from .optim import BASE_OPTIMIZERS, wrapper_defaults
+from .trainer import TrainConfig, checkpoint_sha256, load_run_config, train
 
 __all__ = ["CompareConfig", "CompareResult", "compare", "demo", "load_hessian", "load_metrics", "load_noise_table",
-           "summary_rows"]
+           "summary_rows", "run_label", "run_labels"]
 
 FIGURES = ("surface_3d", "surface_contours", "slices_1d", "interpolation", "hessian", "m_sharpness", "training_curves")
 
@@ -66,25 +73,9 @@ class CompareResult:
     summary: list[dict[str, Any]]
 
 
-def _cli(argv: list[str]) -> None:
-    """Run one ``sam-landscape`` analysis command in-process (errors propagate as exceptions, never exit)."""
-    import contextlib
-    import io
-
-    from .cli import build_parser
-
-    errors = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(errors):
-            args = build_parser().parse_args(argv)
-    except SystemExit:
-        raise ValueError(f"invalid compare settings for {argv[0]}: {errors.getvalue().strip()}") from None
-    args.handler(args)
-
-
 def _check_reusable(path: Path, expected: dict[str, Any]) -> None:
     """A saved analysis is reused only when it was made with these settings from this checkpoint."""
-    saved = json.loads(path.read_text())
+    saved = read_json(path)
     found = {key: _lookup(saved, key) for key in expected}
     differing = sorted(key for key in expected if found[key] != expected[key])
     if differing:
@@ -103,16 +94,22 @@ def _lookup(saved: dict[str, Any], dotted: str) -> Any:
 def load_hessian(directory: str | Path) -> dict[str, Any]:
     """``hessian.json`` and ``hessian.npz`` of ``sam-landscape hessian`` as one dict (eigenvalues, density)."""
     directory = Path(directory)
-    saved = json.loads((directory / "hessian.json").read_text())
-    with np.load(directory / "hessian.npz") as arrays:
-        saved.update({k: arrays[k] for k in arrays.files})
+    saved = read_json(directory / "hessian.json")
+    try:
+        with np.load(directory / "hessian.npz") as arrays:
+            saved.update({k: arrays[k] for k in arrays.files})
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise CorruptFileError(f"{directory / 'hessian.npz'} is truncated or not an .npz file ({error})") from None
     return saved
 
 
 def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every epoch's metrics of a run (``metrics.jsonl``)."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    path = Path(run_dir) / "metrics.jsonl"
+    records = read_jsonl(path)
+    if not records or any(not isinstance(r, dict) or "test_acc" not in r for r in records):
+        raise CorruptFileError(f"{path} holds no epoch's metrics (one JSON object per line with test_acc, ...)")
+    return records
 
 
 def load_noise_table(path: str | Path) -> list[dict[str, Any]]:
@@ -125,7 +122,8 @@ def load_noise_table(path: str | Path) -> list[dict[str, Any]]:
     file = path / "noise_study.json" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"{file} not found: give a noise-study directory or its noise_study.json")
-    rows = json.loads(file.read_text()).get("table")
+    saved = read_json(file)
+    rows = saved.get("table") if isinstance(saved, dict) else None
     missing = [k for k in ("optimizer", "noise", "mean") if not rows or any(k not in r for r in rows)]
     if missing:
         raise ValueError(f"{file} must hold a 'table' of rows with optimizer, noise and mean; missing {missing}")
@@ -152,39 +150,85 @@ def summary_rows(labels: Sequence[str], hessians: Sequence[dict], sharpness: Seq
     return rows
 
 
+_DISPLAY_NAMES = {"msam": "m-SAM", "multistep_sam": "multi-step SAM", "every_k_sam": "every-k SAM"}
+
+
+def run_label(config: TrainConfig) -> str:
+    """A run's optimizer and, for a SAM variant, its rho: ``"SGD"``, ``"SAM rho=0.05"``, ``"m-SAM rho=0.05"``.
+
+    Example:
+        >>> run_label(TrainConfig(optimizer="asam"))
+        'ASAM rho=0.5'
+    """
+    name = _DISPLAY_NAMES.get(config.optimizer, config.optimizer.upper())
+    if config.optimizer in BASE_OPTIMIZERS:
+        return name
+    rho = config.rho if config.rho is not None else wrapper_defaults(config.optimizer)["rho"]
+    return f"{name} rho={rho:g}"
+
+
+def run_labels(runs: Sequence[Path], configs: Sequence[TrainConfig]) -> tuple[str, str]:
+    """Labels of two runs by optimizer and rho; the run directories' names are added where those agree."""
+    labels = [run_label(c) for c in configs]
+    if labels[0].lower() == labels[1].lower():
+        names = [run.name for run in runs] if runs[0].name != runs[1].name else [str(run) for run in runs]
+        labels = [f"{label} ({name})" for label, name in zip(labels, names)]
+    return labels[0], labels[1]
+
+
+def _directory_name(label: str) -> str:
+    """A label as a folder name: ``"SAM rho=0.05"`` -> ``"sam-rho0.05"``."""
+    return re.sub(r"[^a-z0-9.+_-]+", "-", label.lower().replace("=", "")).strip("-") or "run"
+
+
 def compare(
     run_a: str | Path,
     run_b: str | Path,
     out_dir: str | Path,
     config: CompareConfig = CompareConfig(),
     *,
-    labels: tuple[str, str] = ("SGD", "SAM"),
+    labels: tuple[str, str] | None = None,
     study_dir: str | Path | None = None,
     noise_study: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> CompareResult:
-    """Analyse two runs with the same recipes, then write the figures and the HTML report into ``out_dir``."""
+    """Analyse two runs with the same recipes, then write the figures and the HTML report into ``out_dir``.
+
+    ``labels`` name the runs in the figures and the report; by default each run's optimizer and rho
+    (:func:`run_labels`).
+
+    Raises:
+        FileNotFoundError: a run directory or its checkpoint is missing.
+        ValueError: the two runs are the same run, or hold the same weights; the labels clash; a saved
+            analysis was made with other settings.
+    """
     out = Path(out_dir)
     runs = [Path(run_a), Path(run_b)]
     for run in runs:
         if not (run / "config.json").exists():
             raise FileNotFoundError(f"{run} is not a run directory (no config.json); train one with sam-landscape train")
-    if labels[0].lower() == labels[1].lower():
+    if runs[0].resolve() == runs[1].resolve():
+        raise ValueError(f"compare needs two different runs; got {runs[0]} twice")
+    configs = [load_run_config(run) for run in runs]
+    labels = run_labels(runs, configs) if labels is None else tuple(labels)
+    dirs = [out / "analyses" / _directory_name(label) for label in labels]
+    if labels[0].lower() == labels[1].lower() or dirs[0] == dirs[1]:
         raise ValueError(f"the two labels must differ (ignoring case: they name directories); got {labels}")
     if not config.ms:
         raise ValueError("CompareConfig.ms must list at least one chunk size")
     # inputs that are only read at the end are checked before hours of analyses
-    table = json.loads((Path(study_dir) / "study.json").read_text())["kendall"] if study_dir is not None else None
+    table = _read_kendall(Path(study_dir)) if study_dir is not None else None
     noise_rows = load_noise_table(noise_study) if noise_study is not None else None
     for run in runs:
         if not (run / "model.pt").exists():
             raise FileNotFoundError(f"{run / 'model.pt'} not found: {run} holds no finished epoch yet")
     checkpoints = {run: checkpoint_sha256(run / "model.pt") for run in runs}  # without loading model and data
-    quiet = [] if progress else ["--no-progress"]
-    common = ["--seed", str(config.seed), "--device", config.device, *quiet]
-    span = [str(-config.span), str(config.span)]
-    dirs = [out / "analyses" / label.lower() for label in labels]
+    if checkpoints[runs[0]] == checkpoints[runs[1]]:
+        raise ValueError(f"{runs[0]} and {runs[1]} hold the same weights (model.pt has the same SHA-256): "
+                         "compare needs two different minima")
+    inputs = Inputs(device=config.device)
+    span = (-config.span, config.span)
     start = time.perf_counter()
     for run, label, directory in zip(runs, labels, dirs):
         directory.mkdir(parents=True, exist_ok=True)
@@ -195,26 +239,27 @@ def compare(
                 "density.n_runs": config.density_runs, "density.n_steps": config.density_steps})
         else:
             log(f"{label}: Hessian spectrum")
-            _cli(["hessian", str(run), "--k", str(config.hessian_k), "--trace-matvecs", str(config.trace_matvecs),
-                  "--density", "--density-runs", str(config.density_runs), "--density-steps", str(config.density_steps),
-                  "--out", str(directory), *common])
+            settings = HessianSettings(k=config.hessian_k, trace_matvecs=config.trace_matvecs, density=True,
+                                       density_runs=config.density_runs, density_steps=config.density_steps,
+                                       seed=config.seed)
+            hessian_analysis(run, settings, inputs, directory, resume=True, progress=progress)
         log(f"{label}: 2D surface and 1D slice")  # resumable: a finished grid is read back
-        _cli(["surface", str(run), "--dim", "2", "--steps", str(config.surface_steps), "--span", *span,
-              "--out", str(directory), *common])
-        _cli(["surface", str(run), "--dim", "1", "--steps", str(config.slice_steps), "--span", *span,
-              "--out", str(directory), *common])
+        for dim, steps in ((2, config.surface_steps), (1, config.slice_steps)):
+            surface_analysis(run, SurfaceSettings(dim=dim, steps=steps, span=span, seed=config.seed), inputs, directory,
+                             progress=progress, log=lambda line: None)
         if (directory / "sharpness.json").exists():
             _check_reusable(directory / "sharpness.json", {
                 "checkpoint_sha256": sha, "settings.ms": list(config.ms), "settings.rho": config.rho,
                 "settings.seed": config.seed})
         else:
             log(f"{label}: m-sharpness")
-            _cli(["sharpness", str(run), "--measures", "m_sharpness", "--m", *map(str, config.ms), "--rho", str(config.rho),
-                  "--out", str(directory), *common])
+            measures = MeasureSettings(measures=("m_sharpness",), ms=tuple(config.ms), rho=config.rho, seed=config.seed)
+            sharpness_analysis(run, measures, inputs, directory, progress=progress)
     for split in ("train", "test"):
         log(f"interpolation {labels[0]} -> {labels[1]} ({split})")
-        _cli(["surface", str(runs[0]), "--interpolate", str(runs[1]), "--steps", str(config.interpolation_steps),
-              "--span", "-0.5", "1.5", "--split", split, "--out", str(out / "analyses" / f"interpolation-{split}"), *common])
+        surface_analysis(runs[0], SurfaceSettings(steps=config.interpolation_steps, span=(-0.5, 1.5), seed=config.seed),
+                         dataclasses.replace(inputs, split=split), out / "analyses" / f"interpolation-{split}",
+                         interpolate=runs[1], progress=progress, log=lambda line: None)
     log(f"analyses done in {time.perf_counter() - start:.1f} s")
 
     surfaces = {label: surface.load(d / "surface_2d") for label, d in zip(labels, dirs)}
@@ -222,7 +267,7 @@ def compare(
     path_train = surface.load(out / "analyses" / "interpolation-train" / "interpolation")
     path_test = surface.load(out / "analyses" / "interpolation-test" / "interpolation_test")
     hessians = [load_hessian(d) for d in dirs]
-    sharpness = [json.loads((d / "sharpness.json").read_text()) for d in dirs]
+    sharpness = [read_json(d / "sharpness.json") for d in dirs]
     metrics = [load_metrics(run) for run in runs]
     by_label = lambda values: dict(zip(labels, values))  # noqa: E731
     curves = by_label([s["measures"]["m_sharpness"] for s in sharpness])
@@ -285,3 +330,13 @@ def demo(out_dir: str | Path = "figures", runs_dir: str | Path = "runs", *, epoc
         log(f"{optimizer}: test accuracy {result.final['test_acc']:.4f} ({time.perf_counter() - start:.1f} s)")
         runs.append(run_dir)
     return compare(runs[0], runs[1], out_dir, config, progress=progress, log=log)
+
+
+def _read_kendall(study_dir: Path) -> list[dict[str, Any]]:
+    """The Kendall tau table of a study directory's ``study.json``."""
+    path = study_dir / "study.json"
+    saved = read_json(path)
+    table = saved.get("kendall") if isinstance(saved, dict) else None
+    if not isinstance(table, list) or any(not isinstance(row, dict) or "measure" not in row for row in table):
+        raise CorruptFileError(f"{path} holds no 'kendall' table (rows with measure, m, tau_...): is it a study's?")
+    return table

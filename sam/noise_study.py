@@ -49,7 +49,16 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_write_json, atomic_write_text, differing_keys
+from landscape.storage import (
+    CorruptFileError,
+    atomic_write_json,
+    atomic_write_text,
+    differing_keys,
+    load_weights,
+    read_json,
+    read_jsonl,
+)
+
 from .data import load_dataset
 from .optim import BASE_OPTIMIZERS, available_optimizers
 from .trainer import TrainConfig, load_run_config, train
@@ -234,13 +243,20 @@ def _check_study_config(config: NoiseStudyConfig, path: Path) -> None:
     """An output directory holds one study: another recipe there is an error naming what differs."""
     if not path.exists():
         return
-    saved = _flatten(json.loads(path.read_text()))
+    saved = _flatten(_read_object(path))
     current = _flatten(json.loads(json.dumps(config.to_dict())))
     keys = differing_keys(saved, current)
     if keys:
         details = "; ".join(f"{k}: saved {saved.get(k)!r}, given {current.get(k)!r}" for k in keys)
         raise ValueError(f"{path} holds a noise study with different settings ({details}); "
                          "use another --out or the same settings to resume it")
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise CorruptFileError(f"{path} holds a JSON {type(saved).__name__}, not the study's settings")
+    return saved
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -261,14 +277,15 @@ def _finished(run_dir: Path, config: TrainConfig) -> bool:
         return False
     if load_run_config(run_dir) != config:
         return False  # train() names the difference
-    state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
+    state = load_weights(state_path, mmap=True)
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise CorruptFileError(f"{state_path} is not a resume checkpoint of the trainer (no 'epoch')")
     return int(state["epoch"]) >= config.epochs
 
 
 def _final_metrics(run_dir: Path, epochs: int) -> dict[str, Any]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
-    if not records or records[-1]["epoch"] != epochs:
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    if not records or not isinstance(records[-1], dict) or records[-1].get("epoch") != epochs:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} does not end at epoch {epochs}; rerun to resume the run")
     return records[-1]
 
@@ -303,7 +320,7 @@ def run_noise_study(
     Args:
         config: the study.
         out_dir: the study directory (runs in ``out_dir/runs``).
-        progress: show each run's tqdm epoch bar.
+        progress: show each run's progress (a bar on a terminal, a line per epoch in a log).
         log: where the one-line report of each run goes.
         on_epoch_end: called as ``(run_name, epoch, metrics)`` after each epoch's checkpoint is written.
 

@@ -770,6 +770,18 @@ def wrapper_arguments(name: str) -> list[str]:
     return [k for k in signature.parameters if k not in ("self", "base_optimizer")]
 
 
+def wrapper_defaults(name: str) -> dict[str, Any]:
+    """The default of every keyword argument of the registered wrapper ``name``.
+
+    Example:
+        >>> wrapper_defaults("asam")["rho"]
+        0.5
+    """
+    signature = inspect.signature(OPTIMIZERS[name].__init__)
+    return {k: p.default for k, p in signature.parameters.items()
+            if k not in ("self", "base_optimizer") and p.default is not inspect.Parameter.empty}
+
+
 def create(name: str, params: Any, *, base: str = "sgd", **kwargs: Any) -> torch.optim.Optimizer:
     """Build a registered optimizer by name.
 

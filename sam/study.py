@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from scipy.stats import kendalltau
 
 from landscape.sharpness import MeasureSettings, measure_all, measure_columns, sharpness_objective
+from landscape.storage import CorruptFileError, atomic_write_json, atomic_write_text, differing_keys, read_json
 
-from ._io import atomic_write_json, atomic_write_text, differing_keys
 from .trainer import TrainConfig, load_run, resolve_device, train
 
 __all__ = ["StudyConfig", "StudyResult", "study_grid", "run_study", "kendall_table", "format_kendall", "GAPS"]
@@ -133,8 +133,8 @@ def _measure_run(run_dir: Path, settings: MeasureSettings, device: str, progress
     cache = run_dir / "sharpness.json"
     run = load_run(run_dir, device=resolve_device(device))
     if cache.exists():
-        saved = json.loads(cache.read_text())
-        if saved.get("settings") == settings.to_dict() and saved.get("checkpoint_sha256") == run.checkpoint_sha256:
+        saved = read_json(cache)
+        if isinstance(saved, dict) and saved.get("settings") == settings.to_dict() and saved.get("checkpoint_sha256") == run.checkpoint_sha256:
             return saved
     start = time.perf_counter()
     objective = sharpness_objective(run.model, F.cross_entropy, (run.train.x, run.train.y))
@@ -189,7 +189,10 @@ def _check_study_config(config: StudyConfig, path: Path) -> None:
     if not path.exists():
         return
     # The filter on training error only changes which saved models are correlated: it may change on a rerun.
-    saved = {k: v for k, v in json.loads(path.read_text()).items() if k != "max_train_error"}
+    stored = read_json(path)
+    if not isinstance(stored, dict):
+        raise CorruptFileError(f"{path} holds a JSON {type(stored).__name__}, not the study's settings")
+    saved = {k: v for k, v in stored.items() if k != "max_train_error"}
     current = {k: v for k, v in json.loads(json.dumps(config.to_dict())).items() if k != "max_train_error"}
     if saved != current:
         raise ValueError(f"{path} holds a study with different settings ({', '.join(differing_keys(saved, current))}); "

@@ -40,10 +40,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
+
+from landscape.progress import progress_bar
+from landscape.storage import (
+    CorruptFileError,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_weights,
+    read_json,
+    read_jsonl,
+    remove_stale_temporaries,
+)
 
 from . import __version__, distributed
-from ._io import atomic_torch_save, atomic_write_json, atomic_write_text
+from ._checks import at_least, one_of
 from .data import DATASET_NAMES, DeviceLoader, Split, load_dataset
 from .models import available_models, build_model
 from .optim import BASE_OPTIMIZERS, OPTIMIZERS, SAM, available_optimizers, create, wrapper_arguments
@@ -128,16 +139,16 @@ class TrainConfig:
     eval_batch_size: int = 1024
 
     def __post_init__(self) -> None:
-        _one_of("dataset", self.dataset, DATASET_NAMES)
-        _one_of("model", self.model, [*available_models(), CUSTOM_MODEL])
-        _one_of("optimizer", self.optimizer, available_optimizers())
-        _one_of("base_optimizer", self.base_optimizer, sorted(BASE_OPTIMIZERS))
-        _one_of("schedule", self.schedule, SCHEDULES)
-        _one_of("amp", self.amp, AMP_MODES)
+        one_of("dataset", self.dataset, DATASET_NAMES)
+        one_of("model", self.model, [*available_models(), CUSTOM_MODEL])
+        one_of("optimizer", self.optimizer, available_optimizers())
+        one_of("base_optimizer", self.base_optimizer, sorted(BASE_OPTIMIZERS))
+        one_of("schedule", self.schedule, SCHEDULES)
+        one_of("amp", self.amp, AMP_MODES)
         for name in ("epochs", "batch_size", "m", "ascent_steps", "sam_every", "eval_batch_size"):
-            _at_least(name, getattr(self, name), 1)
+            at_least(name, getattr(self, name), 1)
         for name in ("seed", "snapshot_every"):
-            _at_least(name, getattr(self, name), 0)
+            at_least(name, getattr(self, name), 0)
         if self.rho is not None and (not math.isfinite(self.rho) or self.rho < 0):
             raise ValueError(f"rho must be a finite number >= 0 or None; got {self.rho!r}")
         for name in ("lr", "weight_decay", "eta", "gsam_alpha", "warmup_epochs", "lr_gamma", "momentum"):
@@ -279,6 +290,7 @@ def train(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     model: nn.Module | None = None,
@@ -287,10 +299,15 @@ def train(
 
     Args:
         config: the run's settings.
-        out_dir: the run directory. It must not hold a run already unless ``resume`` is True.
+        out_dir: the run directory. It must not hold a finished epoch unless ``resume`` or ``overwrite``
+            is True. A directory whose run never finished an epoch (killed early, or diverged in the
+            first epoch) holds nothing to keep: training starts there afresh.
         resume: continue the run saved in ``out_dir`` from its last finished epoch (the saved config
             must equal ``config``); with no run there yet, start one. A finished run is left as it is.
-        progress: show tqdm progress bars.
+        overwrite: delete the run's files in ``out_dir`` (config, checkpoints, metrics, snapshots) and
+            train from scratch. Analyses saved beside it are kept; they record the checkpoint they came
+            from, so they are not mistaken for the new run's.
+        progress: show progress (a bar on a terminal, a line per epoch in a log).
         on_epoch_end: called with ``(epoch, metrics)`` after each epoch's checkpoint is written.
         model: the user's own network (freshly initialised; it is trained in place) instead of a
             registered one; ``config.model`` must then be ``"custom"``. Its class is recorded in
@@ -305,7 +322,7 @@ def train(
         and every epoch's metrics.
 
     Raises:
-        FileExistsError: ``out_dir`` holds a run and ``resume`` is False.
+        FileExistsError: ``out_dir`` holds a finished epoch and neither ``resume`` nor ``overwrite`` is True.
         ValueError: ``resume`` is True and ``out_dir`` holds a run with a different config.
         TrainingDiverged: the loss became NaN/inf; the checkpoint of the last good epoch is kept.
     """
@@ -320,15 +337,13 @@ def train(
     if replicas > 1:  # before anything is written: a refused setting must not leave a half-made run behind
         check_distributed_settings({**BASE_OPTIMIZERS, **OPTIMIZERS}[config.optimizer],
                                    amp_fp16=config.amp == "fp16", sync_perturbation=config.sync_perturbation)
-    if not resume and (config_path.exists() or state_path.exists()):
-        raise FileExistsError(
-            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
-        )
-    if resume and config_path.exists():
-        _check_same_config(config, config_path)
-        _check_same_replicas(config, config_path, replicas)
-    resume = resume and state_path.exists()
+    if resume and overwrite:
+        raise ValueError("resume continues the run in out_dir and overwrite discards it: pass one of them")
+    resume = _resumable(out, config, replicas, resume=resume, overwrite=overwrite)
     distributed.barrier()  # every rank has looked at out_dir before rank 0 writes to it
+    if distributed.is_main():  # what a killed process left half-written (a checkpoint's temporary file)
+        for directory in (out, out / "snapshots"):
+            remove_stale_temporaries(directory)
     progress = progress and distributed.is_main()
 
     device = resolve_device(config.device)
@@ -384,7 +399,11 @@ def train(
     start_epoch = 0
     metrics: list[dict[str, Any]] = []
     if resume:
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        state = load_weights(state_path, map_location=device)
+        missing = sorted({"epoch", "model", "optimizer", "scheduler", "scaler", "rng_cpu"} - set(state)) if isinstance(
+            state, dict) else ["everything"]
+        if missing:
+            raise CorruptFileError(f"{state_path} is not a resume checkpoint of this trainer (missing {missing})")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -414,8 +433,9 @@ def train(
     if distributed.active():
         network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
-    epochs = tqdm(range(start_epoch, config.epochs), desc=f"train {config.optimizer}", disable=not progress,
-                  initial=start_epoch, total=config.epochs)
+    # one line per epoch when the output is a log, not a terminal
+    epochs = progress_bar(range(start_epoch, config.epochs), desc=f"train {config.optimizer}", unit="epoch",
+                          enabled=progress, initial=start_epoch, total=config.epochs, lines="each")
     for epoch in epochs:
         record = _train_epoch(
             network, optimizer, loss_fn, loader, epoch, scaler=scaler, scheduler=scheduler,
@@ -423,11 +443,13 @@ def train(
             sync_perturbation=config.sync_perturbation,
         )
         if not math.isfinite(record["train_loss"]):
-            last = f"epoch {epoch} in {state_path}" if epoch > 0 else "none (it diverged in the first epoch)"
-            raise TrainingDiverged(
-                f"training loss became {record['train_loss']} in epoch {epoch + 1}; stopped. Last good checkpoint: "
-                f"{last}. Lower --lr or --rho, or set --max-grad-norm."
-            )
+            if epoch > 0:
+                what = (f"Last good checkpoint: epoch {epoch} in {state_path} (kept). Lower --lr or --rho, or set "
+                        "--max-grad-norm, and train again with --overwrite, or into another --out.")
+            else:
+                what = ("Nothing was saved: rerun with a lower --lr or --rho, or with --max-grad-norm; the same --out "
+                        "can be used again.")
+            raise TrainingDiverged(f"training loss became {record['train_loss']} in epoch {epoch + 1}; stopped. {what}")
         # Between synchronised forward passes DDP leaves each replica its own BatchNorm statistics: take
         # rank 0's, the ones the checkpoint saves, before evaluating.
         distributed.broadcast_(list(model.buffers()))
@@ -474,7 +496,7 @@ def _train_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress):
+    for x, y in progress_bar(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, enabled=progress, lines=None):
         result = train_step(
             model, optimizer, loss_fn, x, y, grad_scaler=scaler, autocast_dtype=autocast_dtype,
             max_grad_norm=max_grad_norm, sync_perturbation=sync_perturbation,
@@ -538,13 +560,58 @@ def _write_checkpoint(
     atomic_torch_save(state, out / "state.pt")
 
 
+_RUN_FILES = ("config.json", "state.pt", "model.pt", "metrics.jsonl", "preset.json")
+
+
+def _resumable(out: Path, config: TrainConfig, replicas: int, *, resume: bool, overwrite: bool) -> bool:
+    """Whether ``out`` holds a run to continue; refuses to overwrite one that finished an epoch.
+
+    A ``config.json`` without ``state.pt`` is a run that never finished an epoch (killed early, or
+    diverged in the first epoch): nothing in it is worth keeping, and training starts there afresh,
+    provided the ``config.json`` is one of ours.
+    """
+    state_path, config_path = out / "state.pt", out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a run directory; choose another --out")
+    if overwrite:
+        if distributed.is_main():
+            _discard_run(out)
+        return False
+    if state_path.exists():
+        if not resume:
+            raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, --overwrite to train it "
+                                  "again from scratch, or choose another --out")
+        _check_same_config(config, config_path)
+        _check_same_replicas(config, config_path, replicas)
+        return True
+    if config_path.exists():
+        try:
+            load_run_config(out)
+        except (ValueError, OSError) as error:
+            raise FileExistsError(f"{out} already holds a run whose config.json cannot be read ({error}); it is "
+                                  "not overwritten: choose another --out, or pass --overwrite") from None
+    return False
+
+
+def _discard_run(out: Path) -> None:
+    """Delete a run's own files (``overwrite=True``); analyses and other files in ``out`` stay."""
+    for name in _RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    snapshots = out / "snapshots"
+    for snapshot in snapshots.glob("epoch_*.pt"):
+        snapshot.unlink()
+    remove_stale_temporaries(snapshots)
+    if snapshots.is_dir() and not any(snapshots.iterdir()):
+        snapshots.rmdir()
+
+
 def _check_same_replicas(config: TrainConfig, config_path: Path, replicas: int) -> None:
     """Resuming on another number of processes must not change the method.
 
     It would with per-replica perturbations (SAM's ``m`` is the per-replica batch) and with BatchNorm
     (its batch statistics are per replica).
     """
-    saved = json.loads(config_path.read_text()).get("derived", {}).get("world_size", 1)
+    saved = _read_run_json(config_path).get("derived", {}).get("world_size", 1)
     if saved == replicas:
         return
     reasons = []
@@ -563,14 +630,16 @@ def _check_same_replicas(config: TrainConfig, config_path: Path, replicas: int) 
 def _read_metrics(path: Path, before_epoch: int) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_jsonl(path)
+    if any(not isinstance(r, dict) or not isinstance(r.get("epoch"), int) for r in records):
+        raise CorruptFileError(f"{path} holds a line that is not an epoch's metrics (no integer 'epoch')")
     return [r for r in records if r["epoch"] <= before_epoch]
 
 
 def _check_same_config(config: TrainConfig, config_path: Path) -> None:
     if not config_path.exists():
         raise FileNotFoundError(f"cannot resume: {config_path} is missing")
-    saved = TrainConfig.from_dict(json.loads(config_path.read_text())["config"])
+    saved = load_run_config(config_path.parent)
     mine, theirs = dataclasses.asdict(config), dataclasses.asdict(saved)
     differing = sorted(k for k in mine if mine[k] != theirs[k])
     if differing:
@@ -583,7 +652,20 @@ def load_run_config(out_dir: str | Path) -> TrainConfig:
     path = Path(out_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {out_dir} is not a sam-landscape run directory")
-    return TrainConfig.from_dict(json.loads(path.read_text())["config"])
+    values = _read_run_json(path).get("config")
+    if not isinstance(values, dict):
+        raise CorruptFileError(f"{path} holds no 'config' object: it is not a sam-landscape run config")
+    try:
+        return TrainConfig.from_dict(values)
+    except (ValueError, TypeError) as error:
+        raise CorruptFileError(f"{path} holds an invalid config: {error}") from None
+
+
+def _read_run_json(path: Path) -> dict[str, Any]:
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise CorruptFileError(f"{path} holds a JSON {type(saved).__name__}, not an object: it is not a run config")
+    return saved
 
 
 @dataclass
@@ -633,21 +715,26 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedR
     )
     model = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
                         batchnorm=config.batchnorm, skip=config.skip)
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    _load_state_dict(model, load_weights(checkpoint), checkpoint, config.model)
     model.to(torch.device(device)).eval()
     return LoadedRun(model, config, train_split, test_split, run_dir, checkpoint, checkpoint_sha256(checkpoint))
+
+
+def _load_state_dict(model: nn.Module, state: Any, checkpoint: Path, name: str) -> None:
+    """``model.load_state_dict(state)``, with a one-line error naming the file when they do not fit."""
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CorruptFileError(f"{checkpoint} is not a state_dict (a dict of tensors); got {type(state).__name__}")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        problems = [f"{label} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for label, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("other shapes for", shapes)) if keys]
+        raise CorruptFileError(f"{checkpoint} does not fit the model {name} of its run ({'; '.join(problems)})")
+    model.load_state_dict(state)
 
 
 def checkpoint_sha256(checkpoint: str | Path) -> str:
     """The SHA-256 of a weights file: what analyses record to tie their results to a checkpoint."""
     return hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
-
-
-def _one_of(name: str, value: Any, accepted: Any) -> None:
-    if value not in accepted:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(sorted(accepted))}")
-
-
-def _at_least(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")

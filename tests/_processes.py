@@ -27,6 +27,10 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, arg
         torch.save(result, Path(workdir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's finalisation: Gloo's worker threads can still hold tensors then, and
+    # releasing them without a live interpreter aborts the process now and then (SIGABRT, "terminate
+    # called without an active exception"; pytorch/pytorch#179291), after every result was saved.
+    os._exit(0)
 
 
 def run_processes(fn: Callable[..., Any], world_size: int, workdir: Path, *args: Any, timeout: float = 900.0) -> list[Any]:

@@ -14,8 +14,8 @@ import sam
 MODULES = sorted(
     name
     for package in (landscape, sam)
-    for _, name, _ in pkgutil.iter_modules(package.__path__, package.__name__ + ".")
-    if name != "sam.cli"
+    for _, name, _ in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+    if not name.endswith(".__main__")  # importing it runs the command line
 )
 
 

@@ -32,7 +32,7 @@ from matplotlib.colors import LightSource
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from sam._io import atomic_write
+from ..storage import atomic_write
 
 __all__ = [
     "ONE_COLUMN",

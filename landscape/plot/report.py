@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from sam._io import atomic_write_text
+from ..storage import atomic_write_text
 
 __all__ = ["Section", "html_report", "write_report", "write_surface_report"]
 

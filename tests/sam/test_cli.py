@@ -168,7 +168,11 @@ def test_surface_command_compares_two_runs_with_one_recipe_and_resumes(trained_r
     assert same_recipe == {k: v for k, v in second["recipe"].items() if k != "model"}
     assert first["recipe"]["model"] != second["recipe"]["model"]
     before = np.load(trained_run / "surface_2d_test.npz")["loss"]
+    assert "computed 9 of 9 points" in capsys.readouterr().out
     assert main([*argv, "--plot"]) == 0  # complete: resumes with nothing left to do, then draws both
+    said = capsys.readouterr().out
+    reports = [line for line in said.splitlines() if " points" in line]  # one per run, no "wrote": nothing was
+    assert len(reports) == 2 and all("all 9 points were already computed" in r and "wrote" not in r for r in reports)
     np.testing.assert_array_equal(np.load(trained_run / "surface_2d_test.npz")["loss"], before)
     stem = f"surface_2d_test_{trained_run.name}_vs_{other.name}"
     for figure in (f"{stem}_3d", f"{stem}_contours"):
@@ -177,7 +181,9 @@ def test_surface_command_compares_two_runs_with_one_recipe_and_resumes(trained_r
     assert page.count("<section") == 1 and trained_run.name in page and other.name in page and "plotly" in page
     assert f"<td>{before[1, 1]:.4g}</td>" in page  # the loss at the model, the grid's centre
     assert main([*argv[:4], "--dim", "2", "--steps", "3", "--split", "test", "--seed", "7", "--no-progress"]) == 2
-    assert "different recipe" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "different recipe (differs in ['seed'" in err and "pass --overwrite to compute it again" in err
+    assert "delete" not in err
     assert main(["surface", str(trained_run), "--interpolate", str(other), "--steps", "3", "--split", "test",
                  "--plot", "--no-progress"]) == 0
     assert (trained_run / f"interpolation_test_{trained_run.name}_vs_{other.name}.png").exists()
@@ -314,8 +320,11 @@ def test_compare_command_writes_every_figure_and_the_report_and_reuses_analyses(
     for name in FIGURES:
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG" and (out / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
     report = (out / "report.html").read_text()
-    for title in ("Summary", "Loss surfaces", "Interpolation from SGD to SAM", "Hessian spectrum", "Sharpness", "Training"):
+    # each run is labelled by its optimizer and rho
+    for title in ("Summary", "Loss surfaces", "Interpolation from SGD to SAM rho=0.05", "Hessian spectrum", "Sharpness",
+                  "Training"):
         assert f">{title}</h2>" in report
+    assert "<th>SGD</th><th>SAM rho=0.05</th>" in report
     assert report.count('class="plotly-graph-div"') == 7
     saved = json.loads((out / "analyses" / "sgd" / "hessian.json").read_text())
     assert f"<td>lambda_max</td><td>{saved['lambda_max']:.4g}</td>" in report
@@ -323,7 +332,7 @@ def test_compare_command_writes_every_figure_and_the_report_and_reuses_analyses(
 
     assert not (out / "label_noise.png").exists() and not (out / "kendall_vs_m.png").exists()
 
-    hessian_file = out / "analyses" / "sam" / "hessian.json"
+    hessian_file = out / "analyses" / "sam-rho0.05" / "hessian.json"
     stamp = hessian_file.stat().st_mtime_ns
     capsys.readouterr()
     noise = tmp_path / "noise"
@@ -372,7 +381,7 @@ def test_train_with_a_preset_saves_the_resolved_config_and_explicit_flags_win(tm
     # an explicit flag overrides the preset even when it repeats the flag's default (TrainConfig: 30 epochs)
     args = build_parser().parse_args(["train", "--out", "x", "--preset", "c10-wrn28-10-sam", "--data-root", "/data",
                                       "--epochs", "30", "--no-augment", "--rho", "0.1"])
-    from sam.cli import _resolve_train_config
+    from sam.cli._options import resolve_train_config as _resolve_train_config
 
     resolved = _resolve_train_config(args)
     assert resolved == preset_config("c10-wrn28-10-sam", data_root="/data", epochs=30, augment=False, rho=0.1)
@@ -441,7 +450,7 @@ def test_noise_study_command_writes_the_table_compare_reads_and_refuses_another_
 
 
 def test_noise_study_takes_its_recipe_from_a_preset_with_explicit_flags_on_top():
-    from sam.cli import _resolve_train_config
+    from sam.cli._options import resolve_train_config as _resolve_train_config
     from sam.noise_study import NoiseStudyConfig, default_recipe, noise_study_runs
     from sam.presets import preset_config
 
@@ -498,3 +507,87 @@ def test_surface_along_hessian_directions_resumes_without_rerunning_lanczos(tmp_
     assert "--norm shapes random directions only" in capsys.readouterr().err
     assert main(["surface", str(run), "--dim", "1", "--orthogonal", "--no-progress"]) == 2
     assert "--orthogonal needs two directions" in capsys.readouterr().err
+
+
+def test_a_run_that_diverges_leaves_a_directory_the_same_command_reruns(tmp_path, capsys):
+    out = str(tmp_path / "first-epoch")
+    diverging = ["train", "--out", out, "--lr", "1e6", "--epochs", "2", "--batch-size", "256", "--no-progress"]
+    assert main(diverging) == 1
+    err = capsys.readouterr().err
+    assert "training loss became nan in epoch 1" in err and "the same --out can be used again" in err
+    assert main(diverging) == 1  # the same command runs again (and diverges again), not "already holds a run"
+    assert "already holds" not in capsys.readouterr().err
+    assert main(["train", "--out", out, "--epochs", "1", "--batch-size", "256", "--no-progress"]) == 0
+    assert len((tmp_path / "first-epoch" / "metrics.jsonl").read_text().splitlines()) == 1
+
+    later = tmp_path / "later"
+    (later / "snapshots").mkdir(parents=True)
+    assert main(["train", "--out", str(later), "--lr", "3000", "--warmup-epochs", "6", "--epochs", "6", "--batch-size",
+                 "256", "--snapshot-every", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "Last good checkpoint: epoch" in err and "(kept)" in err and "--overwrite" in err
+    kept = (later / "model.pt").read_bytes()
+    (later / "hessian.json").write_text("{}")  # an analysis of the old weights
+    assert main(["train", "--out", str(later), "--epochs", "1", "--batch-size", "256", "--no-progress"]) == 2
+    assert "pass --resume to continue it, --overwrite to train it again" in capsys.readouterr().err
+    assert (later / "model.pt").read_bytes() == kept
+    assert main(["train", "--out", str(later), "--epochs", "1", "--batch-size", "256", "--overwrite", "--no-progress"]) == 0
+    assert len((later / "metrics.jsonl").read_text().splitlines()) == 1 and not (later / "snapshots").exists()
+    assert json.loads((later / "config.json").read_text())["config"]["lr"] == 0.1
+    assert (later / "hessian.json").read_text() == "{}"  # analyses beside the run are not the trainer's to delete
+
+
+def test_an_interrupted_hessian_analysis_resumes_from_its_last_stage(trained_run, tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    import sam.analyses
+
+    flags = ["hessian", str(trained_run), "--k", "2", "--trace-matvecs", "6", "--density", "--density-runs", "3",
+             "--density-steps", "5", "--split", "test", "--no-progress"]
+    assert main([*flags, "--out", str(tmp_path / "whole")]) == 0
+    real_slq, real_top = sam.analyses.slq_nodes, sam.analyses.hessian.top_eigenvalues
+    calls = {"slq": 0, "lanczos": 0}
+
+    def interrupted_slq(*args, **kwargs):
+        calls["slq"] += 1
+        if calls["slq"] == 2:
+            raise KeyboardInterrupt
+        return real_slq(*args, **kwargs)
+
+    def counted_lanczos(*args, **kwargs):
+        calls["lanczos"] += 1
+        return real_top(*args, **kwargs)
+
+    monkeypatch.setattr(sam.analyses, "slq_nodes", interrupted_slq)
+    monkeypatch.setattr(sam.analyses.hessian, "top_eigenvalues", counted_lanczos)
+    out = tmp_path / "stopped"
+    assert main([*flags, "--out", str(out)]) == 130
+    assert "interrupted; resume with --resume" in capsys.readouterr().err
+    assert (out / "hessian.partial.pt").exists() and not (out / "hessian.json").exists()
+    assert main([*flags, "--out", str(out)]) == 2  # the partial analysis is never silently restarted
+    assert "pass --resume to continue it, or --overwrite to start again" in capsys.readouterr().err
+    assert main([*flags, "--out", str(out), "--k", "3", "--resume"]) == 2
+    assert "was started with other settings (differs in ['k'])" in capsys.readouterr().err
+    assert main([*flags, "--out", str(out), "--resume"]) == 0
+    assert calls == {"slq": 4, "lanczos": 1}  # neither Lanczos nor the first SLQ run was repeated
+    assert not (out / "hessian.partial.pt").exists()
+    whole, resumed = np.load(tmp_path / "whole" / "hessian.npz"), np.load(out / "hessian.npz")
+    for name in whole.files:
+        np.testing.assert_array_equal(resumed[name], whole[name])
+    capsys.readouterr()
+    assert main([*flags, "--out", str(out), "--resume"]) == 0  # finished: kept as it is
+    assert "already complete, nothing recomputed" in capsys.readouterr().out and calls["lanczos"] == 1
+    assert main([*flags, "--out", str(out), "--seed", "1", "--resume"]) == 2
+    assert "holds results of other settings (differs in ['seed'])" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "hessian", "surface", "sharpness", "study", "noise-study", "compare", "demo",
+                                     "presets"])
+def test_help_texts_state_no_meaningless_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: True)" not in text and "(default: False)" not in text and "(default: None)" not in text
+    if command != "presets":
+        assert "--no-progress print no progress (by default: a live bar on a terminal, and plain lines" in text

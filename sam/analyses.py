@@ -1,0 +1,602 @@
+"""The analyses of a saved run, written as files: what ``sam-landscape hessian``, ``surface`` and
+``sharpness`` do, callable from Python (``compare`` calls them too).
+
+Each function rebuilds the run's model and data (:func:`sam.trainer.load_run`), runs the analysis of
+:mod:`landscape` on the chosen split and writes plain files beside the run (or into ``out_dir``):
+
+* :func:`hessian_analysis`: ``hessian.json`` (eigenvalues, trace, settings) and ``hessian.npz`` (arrays,
+  the eigenvalue density). Its stages (top eigenpairs, trace, each SLQ run of the density) are saved in
+  ``hessian.partial.pt`` as they finish, so ``resume=True`` continues an interrupted analysis from the
+  last finished stage; the result equals an uninterrupted one bit for bit on the CPU.
+* :func:`surface_analysis`: one resumable grid per run (``surface_2d``, ``surface_1d``, ``interpolation``
+  with ``_hessian``/``_pca`` and ``_test`` suffixes, :mod:`landscape.surface`) and, with ``plot=True``,
+  its figures.
+* :func:`sharpness_analysis`: ``sharpness.json`` and per-chunk values in ``sharpness.npz``.
+
+Results are never overwritten unless ``overwrite=True``. Under ``torchrun`` every process calls the same
+function; the data or the grid points are split across them and rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from landscape import distributed, hessian, surface
+from landscape._results import result_paths, save_results
+from landscape.density import concatenate_slq, slq_nodes
+from landscape.density import spectral_density as density_on_grid
+from landscape.objective import Objective
+from landscape.progress import progress_bar
+from landscape.sharpness import MeasureSettings, measure_all, sharpness_objective
+from landscape.storage import (
+    CorruptFileError,
+    atomic_torch_save,
+    differing_keys,
+    load_weights,
+    read_json,
+    remove_stale_temporaries,
+)
+
+from ._checks import at_least, one_of
+from .trainer import LoadedRun, load_run, resolve_device
+
+__all__ = [
+    "Inputs",
+    "HessianSettings",
+    "SurfaceSettings",
+    "Saved",
+    "SurfaceAnalysis",
+    "hessian_analysis",
+    "surface_analysis",
+    "sharpness_analysis",
+    "surface_file_name",
+]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Which data of a run an analysis uses, and how it evaluates them."""
+
+    split: str = "train"
+    batch_size: int = 2048
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        one_of("split", self.split, SPLITS)
+        one_of("dtype", self.dtype, DTYPES)
+        at_least("batch_size", self.batch_size, 1)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class HessianSettings:
+    """What :func:`hessian_analysis` computes: top eigenpairs, the trace and the eigenvalue density."""
+
+    k: int = 5
+    which: str = "LA"
+    tol: float = 1e-3
+    method: str = "lanczos"
+    max_matvecs: int | None = None
+    trace: bool = True
+    trace_method: str = "hutch++"
+    trace_matvecs: int = 99
+    density: bool = False
+    density_runs: int = 10
+    density_steps: int = 80
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("k", "trace_matvecs", "density_runs", "density_steps"):
+            at_least(name, getattr(self, name), 1)
+        at_least("seed", self.seed, 0)
+        if self.max_matvecs is not None:
+            at_least("max_matvecs", self.max_matvecs, 1)
+        one_of("which", self.which, ("LA", "SA", "LM"))
+        one_of("method", self.method, hessian.METHODS)
+        one_of("trace_method", self.trace_method, hessian.TRACE_METHODS)
+        if not self.tol > 0:
+            raise ValueError(f"tol must be > 0; got {self.tol}")
+        if self.method == "power" and self.which != "LM":
+            raise ValueError("method power finds largest-magnitude eigenvalues: use it with which LM (--which LM)")
+        if self.trace_method == "hutch++" and self.trace_matvecs < 3:
+            raise ValueError(f"trace_matvecs must be >= 3 for hutch++ (a third sketches the top subspace); "
+                             f"got {self.trace_matvecs}")
+
+
+@dataclass(frozen=True)
+class SurfaceSettings:
+    """The slice :func:`surface_analysis` computes (see :func:`landscape.surface.slice_2d`)."""
+
+    dim: int = 2
+    steps: int = 51
+    span: tuple[float, float] = (-1.0, 1.0)
+    directions: str = "random"
+    norm: str = "filter"
+    ignore: str = "biasbn"
+    orthogonal: bool = False
+    interpolate_buffers: str = "interpolate"
+    points_per_pass: int | None = None
+    bf16: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        one_of("dim", self.dim, (1, 2))
+        at_least("steps", self.steps, 2)
+        at_least("seed", self.seed, 0)
+        if self.points_per_pass is not None:
+            at_least("points_per_pass", self.points_per_pass, 1)
+        one_of("directions", self.directions, ("random", "hessian", "pca"))
+        one_of("norm", self.norm, ("filter", "layer", "model", "none"))
+        one_of("ignore", self.ignore, ("biasbn", "none"))
+        one_of("interpolate_buffers", self.interpolate_buffers, ("interpolate", "a"))
+        if len(self.span) != 2 or not float(self.span[0]) < float(self.span[1]):
+            raise ValueError(f"span must be (low, high) with low < high; got {self.span}")
+
+
+@dataclass
+class Saved:
+    """What an analysis wrote (or found complete): its files and its scalars."""
+
+    json_path: Path
+    npz_path: Path
+    scalars: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    computed: bool = True
+
+
+@dataclass
+class SurfaceAnalysis:
+    """The surfaces :func:`surface_analysis` computed (one per run, by label) and the files it wrote."""
+
+    results: dict[str, surface.SurfaceResult]
+    paths: dict[str, Path]
+    figures: list[Path] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- Hessian
+
+
+def hessian_analysis(
+    checkpoint: str | Path,
+    settings: HessianSettings = HessianSettings(),
+    inputs: Inputs = Inputs(),
+    out_dir: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> Saved:
+    """Top Hessian eigenvalues, trace and eigenvalue density of a run's training (or test) loss.
+
+    Writes ``hessian.json`` and ``hessian.npz`` into ``out_dir`` (default: the run directory). Each stage
+    (eigenpairs, trace, every SLQ run) is saved in ``hessian.partial.pt`` when it finishes.
+
+    Args:
+        checkpoint: a run directory, or a weights file inside one.
+        settings: what to compute.
+        inputs: split, batch size, dtype and device.
+        out_dir: where to write.
+        overwrite: replace finished or interrupted results.
+        resume: continue an interrupted analysis with the same settings (a finished one is returned as
+            it is).
+        progress: show progress.
+
+    Raises:
+        FileExistsError: results exist and neither ``overwrite`` nor (for an interrupted one, or a finished
+            one with the same settings) ``resume`` was given.
+        ValueError: ``resume`` was given and the saved results were made with other settings.
+    """
+    device = resolve_device(inputs.device)
+    run = load_run(checkpoint, device=device)
+    out = Path(out_dir) if out_dir is not None else run.run_dir
+    json_path, npz_path = result_paths(out, "hessian")
+    partial_path = out / "hessian.partial.pt"
+    split = run.train if inputs.split == "train" else run.test
+    recipe = {**dataclasses.asdict(settings), **dataclasses.asdict(inputs), "device": str(device),
+              "checkpoint_sha256": run.checkpoint_sha256, "processes": distributed.world_size()}
+    if distributed.is_main():
+        remove_stale_temporaries(out)
+    finished = _finished_hessian(json_path, npz_path, partial_path, recipe, overwrite=overwrite, resume=resume)
+    if finished is not None:
+        return finished
+    state = _hessian_state(partial_path, recipe, overwrite=overwrite, resume=resume)
+
+    # Under torchrun each process holds a contiguous shard; one product is one all_reduce over them.
+    mine = distributed.shard(len(split))
+    objective = Objective(run.model, F.cross_entropy, (split.x[mine], split.y[mine]), device=device,
+                          dtype=inputs.torch_dtype, batch_size=inputs.batch_size, distributed=True,
+                          hvp_method=state.get("hvp_method", "auto"))
+    state["hvp_method"] = objective.hvp_method  # a resumed run takes the same products
+    op = objective.hessian_operator()
+    show = progress and distributed.is_main()
+
+    def stage_done(name: str, value: Any, used: int, began: float) -> None:
+        state[name] = value
+        state["matvecs"] = state.get("matvecs", 0) + op.n_matvecs - used
+        state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - began
+        if distributed.is_main():
+            atomic_torch_save(state, partial_path)
+
+    problem = (run.model, F.cross_entropy, objective.batches)  # not read again: the operator is given
+    if "eigen" not in state:
+        used, began = op.n_matvecs, time.perf_counter()
+        eig = hessian.top_eigenvalues(*problem, k=settings.k, which=settings.which, tol=settings.tol,
+                                      max_matvecs=settings.max_matvecs, method=settings.method, seed=settings.seed,
+                                      progress=show, operator=op)
+        stage_done("eigen", {"summary": eig.to_dict(), "eigenvalues": eig.eigenvalues.double().cpu(),
+                             "residuals": eig.residuals.double().cpu()}, used, began)
+    if settings.trace and "trace" not in state:
+        used, began = op.n_matvecs, time.perf_counter()
+        trace = hessian.hessian_trace(*problem, method=settings.trace_method, n_matvecs=settings.trace_matvecs,
+                                      seed=settings.seed, progress=show, operator=op)
+        stage_done("trace", {"value": trace.value, "std_error": trace.std_error, "n_matvecs": trace.n_matvecs,
+                             "method": settings.trace_method}, used, began)
+    if settings.density:  # one stage per SLQ run: each has its own seeded start vector
+        runs = dict(state.get("slq_runs", {}))
+        bar = progress_bar(total=settings.density_runs, initial=len(runs), desc="density (SLQ)", unit="run",
+                           enabled=show)
+        for index in range(settings.density_runs):
+            if index in runs:
+                continue
+            used, began = op.n_matvecs, time.perf_counter()
+            one = slq_nodes(op, n_runs=1, n_steps=settings.density_steps, seed=settings.seed, first_run=index,
+                            progress=False)
+            runs[index] = {"nodes": torch.from_numpy(one.nodes), "weights": torch.from_numpy(one.weights),
+                           "n_nodes": torch.from_numpy(one.n_nodes), "n_matvecs": one.n_matvecs}
+            stage_done("slq_runs", dict(runs), used, began)
+            bar.update(1)
+        bar.close()
+
+    scalars, arrays = _hessian_results(state, settings, inputs, run, objective, op.shape[0], recipe)
+    if not distributed.is_main():
+        return Saved(json_path, npz_path, scalars, arrays)
+    save_results(out, "hessian", scalars, arrays, overwrite=True)  # what was there was checked above
+    partial_path.unlink(missing_ok=True)
+    return Saved(json_path, npz_path, scalars, arrays)
+
+
+def _decided_on_main(decide: Callable[[], Any]) -> Any:
+    """``decide()`` on rank 0 (which alone reads and writes the files), its value or error on every rank."""
+    value, problem = None, None
+    if distributed.is_main():
+        try:
+            value = decide()
+        except (ValueError, OSError) as error:  # every rank must learn it, or the others wait forever
+            problem = error
+    value, problem = distributed.broadcast_object((value, problem))
+    if problem is not None:
+        raise problem
+    return value
+
+
+def _finished_hessian(json_path: Path, npz_path: Path, partial_path: Path, recipe: dict[str, Any], *,
+                      overwrite: bool, resume: bool) -> Saved | None:
+    """The saved results when they are complete and ``resume`` keeps them; clears them for ``overwrite``."""
+
+    def decide() -> Saved | None:
+        if not (json_path.exists() or npz_path.exists()):
+            return None
+        if overwrite:
+            for path in (json_path, npz_path, partial_path):
+                path.unlink(missing_ok=True)
+            return None
+        if not resume:
+            raise FileExistsError(f"{json_path} already exists; pass --overwrite to replace it "
+                                  "(or --resume to keep it when its settings are the same)")
+        saved = read_json(json_path)
+        differing = differing_keys(saved.get("recipe", {}), recipe) if isinstance(saved, dict) else ["recipe"]
+        if differing:
+            raise ValueError(f"{json_path} holds results of other settings (differs in {differing}); "
+                             "pass --overwrite to replace them, or --out DIR to write elsewhere")
+        return Saved(json_path, npz_path, saved, _read_arrays(npz_path), computed=False)
+
+    return _decided_on_main(decide)
+
+
+def _read_arrays(npz_path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(npz_path) as stored:
+            return {k: stored[k] for k in stored.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise CorruptFileError(f"{npz_path} is truncated or not an .npz file ({error}); "
+                               "pass --overwrite to compute it again") from None
+
+
+def _hessian_state(partial_path: Path, recipe: dict[str, Any], *, overwrite: bool, resume: bool) -> dict[str, Any]:
+    """The stages an interrupted analysis saved (empty for a fresh start), after checking its recipe."""
+
+    def decide() -> dict[str, Any]:
+        if not partial_path.exists():
+            return {"recipe": recipe}
+        if overwrite:
+            partial_path.unlink()
+            return {"recipe": recipe}
+        if not resume:
+            raise FileExistsError(f"{partial_path} holds an interrupted Hessian analysis; pass --resume to "
+                                  "continue it, or --overwrite to start again")
+        state = load_weights(partial_path)
+        if not isinstance(state, dict) or not isinstance(state.get("recipe"), dict):
+            raise CorruptFileError(f"{partial_path} is not a partial Hessian analysis; pass --overwrite to start again")
+        differing = differing_keys(state["recipe"], recipe)
+        if differing:
+            raise ValueError(f"{partial_path} was started with other settings (differs in {differing}); "
+                             "pass the same flags to resume it, or --overwrite to start again")
+        return state
+
+    return _decided_on_main(decide)
+
+
+def _hessian_results(state: dict[str, Any], settings: HessianSettings, inputs: Inputs, run: LoadedRun,
+                     objective: Objective, n_parameters: int, recipe: dict[str, Any]
+                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``hessian.json``'s scalars and ``hessian.npz``'s arrays from the finished stages."""
+    eigen = state["eigen"]
+    values = eigen["eigenvalues"].tolist()
+    scalars: dict[str, Any] = {
+        "checkpoint": str(run.checkpoint), "checkpoint_sha256": run.checkpoint_sha256, "split": inputs.split,
+        "n_examples": objective.n_examples, "n_parameters": n_parameters, "dtype": inputs.dtype,
+        "device": recipe["device"], "hvp_method": state["hvp_method"], "seed": settings.seed,
+        "eigen": eigen["summary"], "processes": distributed.world_size(), "lambda_max": values[0], "recipe": recipe,
+    }
+    if len(values) >= 5 and settings.which == "LA":
+        scalars["lambda_max_over_lambda_5"] = values[0] / values[4]
+    arrays = {"eigenvalues": np.asarray(values), "residuals": eigen["residuals"].numpy()}
+    if settings.trace:
+        scalars["trace"] = state["trace"]
+    if settings.density:
+        runs = state["slq_runs"]
+        slq = concatenate_slq([_slq_run(runs[i], n_parameters) for i in range(settings.density_runs)])
+        density = density_on_grid(slq)
+        scalars["density"] = {"n_runs": settings.density_runs, "n_steps": settings.density_steps,
+                              "sigma_squared": density.sigma_squared, "n_matvecs": density.n_matvecs}
+        arrays.update(density_grid=density.grid, density=density.density,
+                      density_nodes=np.asarray(density.nodes, dtype=np.float64),
+                      density_weights=np.asarray(density.weights, dtype=np.float64))
+    scalars["total_matvecs"] = state.get("matvecs", 0)
+    scalars["seconds"] = state.get("seconds", 0.0)  # of the stages, summed over interruptions
+    return scalars, arrays
+
+
+def _slq_run(saved: dict[str, Any], dim: int) -> Any:
+    from landscape.density import SLQResult
+
+    return SLQResult(nodes=saved["nodes"].numpy(), weights=saved["weights"].numpy(), n_nodes=saved["n_nodes"].numpy(),
+                     n_matvecs=int(saved["n_matvecs"]), dim=dim)
+
+
+# ------------------------------------------------------------------------------------------- sharpness
+
+
+def sharpness_analysis(
+    checkpoint: str | Path,
+    measures: MeasureSettings = MeasureSettings(),
+    inputs: Inputs = Inputs(),
+    out_dir: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Saved:
+    """Every sharpness measure of :func:`landscape.sharpness.measure_all` for a run, as ``sharpness.json``
+    (values, settings) and ``sharpness.npz`` (per-chunk values).
+
+    Raises:
+        FileExistsError: ``sharpness.json`` exists and ``overwrite`` is False.
+    """
+    device = resolve_device(inputs.device)
+    run = load_run(checkpoint, device=device)
+    out = Path(out_dir) if out_dir is not None else run.run_dir
+    json_path, npz_path = result_paths(out, "sharpness")
+    remove_stale_temporaries(out)
+    if json_path.exists() and not overwrite:
+        raise FileExistsError(f"{json_path} already exists; pass --overwrite to replace it")
+    split = run.train if inputs.split == "train" else run.test
+    start = time.perf_counter()
+    objective = sharpness_objective(run.model, F.cross_entropy, (split.x, split.y), dtype=inputs.torch_dtype,
+                                    device=device, batch_size=inputs.batch_size)
+    loss, accuracy = objective.loss_and_accuracy()
+    result = measure_all(objective, measures, progress=progress)
+    per_chunk = result.pop("per_chunk")
+    scalars = {"checkpoint": str(run.checkpoint), "checkpoint_sha256": run.checkpoint_sha256, "split": inputs.split,
+               "n_examples": objective.n_examples, "dtype": inputs.dtype, "device": str(device), "loss": loss,
+               "accuracy": accuracy, **result, "seconds": time.perf_counter() - start}
+    save_results(out, "sharpness", scalars, per_chunk, overwrite=overwrite)
+    return Saved(json_path, npz_path, scalars, per_chunk)
+
+
+# --------------------------------------------------------------------------------------------- surface
+
+
+def surface_file_name(settings: SurfaceSettings, split: str, interpolation: bool) -> str:
+    """The grid's file stem: one per kind of directions and split, so no two kinds share a file.
+
+    Example:
+        >>> surface_file_name(SurfaceSettings(dim=1, directions="hessian"), "test", interpolation=False)
+        'surface_1d_hessian_test'
+        >>> surface_file_name(SurfaceSettings(), "train", interpolation=True)
+        'interpolation'
+    """
+    kind = "" if interpolation or settings.directions == "random" else f"_{settings.directions}"
+    name = "interpolation" if interpolation else f"surface_{settings.dim}d{kind}"
+    return name + ("_test" if split == "test" else "")
+
+
+def surface_analysis(
+    checkpoint: str | Path,
+    settings: SurfaceSettings = SurfaceSettings(),
+    inputs: Inputs = Inputs(),
+    out_dir: str | Path | None = None,
+    *,
+    compare: Sequence[str | Path] = (),
+    interpolate: str | Path | None = None,
+    overwrite: bool = False,
+    plot: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> SurfaceAnalysis:
+    """A resumable loss surface around a run (and the same recipe around each of ``compare``), or the
+    interpolation from it to ``interpolate``.
+
+    Each run's grid goes to ``out_dir`` (default: that run's directory; with several runs and an
+    ``out_dir``, a folder per run in it), named by :func:`surface_file_name`. A rerun resumes a grid; one
+    with another recipe is refused (``overwrite=True`` starts it again). Hessian and PCA directions are
+    kept in ``NAME.directions.pt`` beside the grid and read back on resume. ``plot=True`` draws the
+    surfaces (:func:`landscape.plot.write_surface_report`).
+
+    Raises:
+        ValueError: ``compare`` and ``interpolate`` together, a saved grid of another recipe, or too few
+            snapshots for PCA directions.
+    """
+    if compare and interpolate is not None:
+        raise ValueError("use either --compare or --interpolate, not both")
+    device = resolve_device(inputs.device)
+    main_process = distributed.is_main()
+    progress = progress and main_process
+    dtype = inputs.torch_dtype
+    common = dict(points_per_pass=settings.points_per_pass, autocast_dtype=torch.bfloat16 if settings.bf16 else None,
+                  dtype=dtype, device=device, batch_size=inputs.batch_size, progress=progress, distributed=True)
+    runs = [load_run(checkpoint, device=device), *(load_run(c, device=device) for c in compare)]
+    other = load_run(interpolate, device=device) if interpolate is not None else None
+    name = surface_file_name(settings, inputs.split, interpolate is not None)
+    labels = [run.run_dir.name for run in runs]
+    if len(set(labels)) < len(labels):  # --compare a/seed0 b/seed0 --out DIR: keep the two apart
+        labels = [f"{i}-{label}" for i, label in enumerate(labels)]
+    analysis = SurfaceAnalysis({}, {})
+    for run, label in zip(runs, labels):
+        out = Path(out_dir) if out_dir is not None else run.run_dir
+        if out_dir is not None and len(runs) > 1:
+            out = out / label
+        path = out / name
+        if main_process:
+            remove_stale_temporaries(out)
+            if overwrite:
+                for suffix in (".npz", ".json", ".directions.pt"):
+                    path.with_suffix(suffix).unlink(missing_ok=True)
+        distributed.barrier()
+        split = run.train if inputs.split == "train" else run.test
+        data = (split.x, split.y)
+        try:
+            result = _one_surface(run, other, data, settings, path, common, log)
+        except surface.RecipeMismatchError as error:
+            raise ValueError(f"{error.path} holds a surface with a different recipe (differs in {error.differing}); "
+                             "pass --overwrite to compute it again, or --out DIR to write elsewhere") from None
+        analysis.results[label], analysis.paths[label] = result, path
+        if main_process:
+            what = (f"computed {result.computed} of {result.loss.size} points" if result.computed
+                    else f"all {result.loss.size} points were already computed")
+            log(f"{run.run_dir}: loss {np.nanmin(result.loss):.4g} to {np.nanmax(result.loss):.4g}; {what}; "
+                f"{path.with_suffix('.npz')}")
+    if plot and main_process:
+        where = Path(out_dir) if out_dir is not None else runs[0].run_dir
+        other_label = other.run_dir.name if other is not None else None
+        # named after what they show, so that A --compare B and A --compare C keep their own figures
+        shown = [*labels, other_label] if other_label else labels
+        stem = where / (name if len(shown) == 1 else f"{name}_{'_vs_'.join(shown)}")
+        from landscape.plot import write_surface_report
+
+        analysis.figures = write_surface_report(analysis.results, stem, split=inputs.split, other=other_label)
+    return analysis
+
+
+def _one_surface(run: LoadedRun, other: LoadedRun | None, data: Any, settings: SurfaceSettings, path: Path,
+                 common: dict[str, Any], log: Callable[[str], None]) -> surface.SurfaceResult:
+    span = tuple(settings.span)
+    if other is not None:
+        return surface.interpolate(run.model, other.model, F.cross_entropy, data, steps=settings.steps, span=span,
+                                   path=path, buffers=settings.interpolate_buffers, **common)
+    if settings.directions != "random":
+        given, info = _given_surface_directions(settings, run, data, common, path)
+        path_coords = [c for point in info.get("coordinates", []) for c in point]
+        if distributed.is_main() and path_coords and not span[0] <= min(path_coords) <= max(path_coords) <= span[1]:
+            log(f"note: the training path spans {min(path_coords):.3g} to {max(path_coords):.3g} along the PCA "
+                f"directions, beyond --span {span[0]:g} {span[1]:g}; widen --span to draw all of it")
+        if settings.dim == 1:
+            return surface.slice_1d(run.model, F.cross_entropy, data, given[0], steps=settings.steps, span=span,
+                                    path=path, model_id=run.checkpoint_sha256, info={settings.directions: info},
+                                    **common)
+        return surface.slice_2d(run.model, F.cross_entropy, data, tuple(given), steps=(settings.steps, settings.steps),
+                                span=(span, span), path=path, model_id=run.checkpoint_sha256,
+                                info={settings.directions: info}, **common)
+    if settings.dim == 1:
+        return surface.slice_1d(run.model, F.cross_entropy, data, steps=settings.steps, span=span, seed=settings.seed,
+                                norm=settings.norm, ignore=settings.ignore, path=path, model_id=run.checkpoint_sha256,
+                                **common)
+    return surface.slice_2d(run.model, F.cross_entropy, data, steps=(settings.steps, settings.steps), span=(span, span),
+                            seed=settings.seed, norm=settings.norm, ignore=settings.ignore,
+                            orthogonal=settings.orthogonal, path=path, model_id=run.checkpoint_sha256, **common)
+
+
+def _given_surface_directions(settings: SurfaceSettings, run: LoadedRun, data: Any, common: dict[str, Any],
+                              path: Path) -> tuple[list, dict]:
+    """Hessian or PCA directions and what to save about them, computed once per surface file.
+
+    They are kept in ``PATH.directions.pt`` beside the grid: a resumed run reads them back instead of
+    running Lanczos (or the PCA) again, whose last bits may differ on a GPU and would then not match the
+    SHA-256 of the directions in the saved recipe.
+    """
+    dtype, device = common["dtype"], common["device"]
+    store = path.with_suffix(".directions.pt")
+    settings_key = {"directions": settings.directions, "dim": settings.dim, "seed": settings.seed,
+                    "dtype": str(dtype).removeprefix("torch."), "checkpoint_sha256": run.checkpoint_sha256,
+                    "n_examples": len(data[0])}
+    saved = None
+    if distributed.is_main() and store.exists() and path.with_suffix(".npz").exists():
+        saved = load_weights(store)
+        if not isinstance(saved, dict) or saved.get("settings") != settings_key:  # the recipe check names what differs
+            saved = None
+    saved = distributed.broadcast_object(saved)  # rank 0 decides: the other ranks may not see its files
+    if saved is not None:
+        return [{k: v.to(device, dtype) for k, v in d.items()} for d in saved["directions"]], saved["info"]
+    given, info = _surface_directions(settings, run, data, common)
+    if distributed.is_main() and not path.with_suffix(".npz").exists():
+        atomic_torch_save({"directions": [dict(d) for d in given], "info": info, "settings": settings_key}, store)
+    distributed.barrier()
+    return list(given), info
+
+
+def _surface_directions(settings: SurfaceSettings, run: LoadedRun, data: Any, common: dict[str, Any]
+                        ) -> tuple[Any, dict]:
+    """The directions for ``directions="hessian"`` or ``"pca"``, and what the JSON records about them."""
+    from landscape import directions as dirs
+
+    dtype, device = common["dtype"], common["device"]
+    if settings.directions == "hessian":
+        mine = distributed.shard(len(data[0]))
+        eig = hessian.top_eigenvalues(run.model, F.cross_entropy, (data[0][mine], data[1][mine]), k=settings.dim,
+                                      seed=settings.seed, dtype=dtype, device=device, batch_size=common["batch_size"],
+                                      progress=common["progress"], distributed=True)
+        return dirs.eigenvector_directions(eig.eigenvectors), {"eigenvalues": eig.eigenvalues.tolist()}
+    snapshots = sorted((run.run_dir / "snapshots").glob("epoch_*.pt"))
+    if len(snapshots) < settings.dim + 1:
+        raise ValueError(f"--directions pca needs at least {settings.dim + 1} weight snapshots in "
+                         f"{run.run_dir / 'snapshots'} (train with --snapshot-every N); found {len(snapshots)}")
+    names = [n for n, p in run.model.named_parameters() if p.requires_grad]
+
+    def load(path: Path) -> dict:  # memory-mapped on the CPU: pca_directions moves one block at a time
+        state = load_weights(path, mmap=True)
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise ValueError(f"{path} does not hold the model's parameters (missing {missing[:3]})")
+        return {n: state[n] for n in names}
+
+    final = {n: p.detach().to(device, dtype) for n, p in run.model.named_parameters() if p.requires_grad}
+    pca = dirs.pca_directions([load(p) for p in snapshots], final, n_components=settings.dim)
+    trajectory = {"snapshots": [p.name for p in snapshots], "coordinates": pca.coordinates.tolist(),
+                  "explained_variance_ratio": pca.explained_variance_ratio.tolist()}
+    return pca.directions, trajectory

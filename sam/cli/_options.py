@@ -1,0 +1,272 @@
+"""What the commands share: the parser with one-line errors, a help formatter that states defaults truthfully,
+and the groups of flags that several commands take (training, analysis inputs, sharpness measures,
+comparison sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from landscape.sharpness import MEASURES, MeasureSettings
+
+from ..analyses import Inputs
+from ..compare import CompareConfig
+from ..data import DATASET_NAMES
+from ..models import available_models
+from ..optim import BASE_OPTIMIZERS, available_optimizers
+from ..presets import preset_config
+from ..trainer import AMP_MODES, SCHEDULES, TrainConfig
+
+PROG = "sam-landscape"
+EXIT_USAGE = 2
+
+_TRAIN_HELP: dict[str, str] = {
+    "dataset": "dataset to train on; digits is scikit-learn's bundled 8x8 handwritten digits (no download)",
+    "data_root": "directory holding the CIFAR files (cifar-10-batches-py/ or cifar-100-python/)",
+    "download": "download CIFAR into --data-root if missing (needs the [vision] extra: torchvision)",
+    "label_noise": "fraction of training labels flipped to another class (symmetric noise, seeded)",
+    "augment": "pad-4 random crop + flip on the device; default: on for CIFAR, off for digits",
+    "test_fraction": "held-out fraction of digits used as the test split (stratified)",
+    "model": "network architecture",
+    "batchnorm": "use BatchNorm (--no-batchnorm builds the variant without it)",
+    "skip": "use skip connections (--no-skip builds Li et al.'s noshort ResNets)",
+    "optimizer": "plain base optimizer or SAM variant",
+    "base_optimizer": "the base optimizer a SAM variant wraps",
+    "lr": "peak learning rate",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum (SGD)",
+    "weight_decay": "weight decay of the base optimizer",
+    "rho": "SAM radius rho; default: the optimizer's own (0.05, ASAM 0.5)",
+    "eta": "ASAM offset eta in T = |w| + eta",
+    "p": "norm of the SAM ball (2 or inf)",
+    "m": "m-SAM: examples per perturbation chunk",
+    "gsam_alpha": "GSAM: weight alpha of the surrogate-gap term",
+    "rho_min": "GSAM: rho at the smallest lr (rho follows the lr schedule); default keeps rho constant",
+    "ascent_steps": "multistep_sam: number of ascent steps",
+    "sam_every": "every_k_sam: do a SAM step every k steps (plain steps between)",
+    "sync_perturbation": "under torchrun/DDP: average pass 1's gradient so every replica takes one "
+    "perturbation from the global batch (default: each replica perturbs with its own share, m = per-replica batch)",
+    "epochs": "number of training epochs",
+    "batch_size": "mini-batch size",
+    "schedule": "learning-rate schedule, stepped every iteration",
+    "warmup_epochs": "linear warm-up length in epochs",
+    "lr_milestones": "step schedule: fractions of training at which lr is multiplied by --lr-gamma",
+    "lr_gamma": "step schedule: lr multiplier at each milestone",
+    "label_smoothing": "label smoothing of the training loss",
+    "max_grad_norm": "clip the final gradient to this L2 norm (SAM's perturbation uses the raw gradient)",
+    "amp": "mixed precision: bf16 autocast, or fp16 autocast with a GradScaler",
+    "seed": "seed for initialisation, data order, augmentation and label noise",
+    "device": "auto (cuda if available, else cpu), cpu, cuda or cuda:N",
+    "snapshot_every": "save the weights every N epochs in snapshots/ for trajectory analysis (0: never)",
+    "eval_batch_size": "batch size for evaluation",
+}
+
+_CHOICES: dict[str, Sequence[str]] = {
+    "dataset": DATASET_NAMES,
+    "model": available_models(),
+    "optimizer": available_optimizers(),
+    "base_optimizer": sorted(BASE_OPTIMIZERS),
+    "schedule": SCHEDULES,
+    "amp": AMP_MODES,
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG CMD: error: MESSAGE (see --help)``, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: ...)`` where a default means something: never to a flag that switches a behaviour
+    on or off (``--resume``, ``--no-progress``), whose help says what it does; ``on``/``off`` for
+    ``--x/--no-x`` pairs."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if (action.default is None or action.default is argparse.SUPPRESS or "(default" in help_text
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction))):
+            return help_text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return help_text + (" (default: on)" if action.default else " (default: off)")
+        return super()._get_help_string(action)
+
+
+def one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def add_command(commands: Any, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand's parser, with the shared error handling and help formatting."""
+    return commands.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
+
+
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="print no progress (by default: a live bar on a terminal, and plain lines, one per epoch "
+                        "or per 10%% of an analysis, when the output goes to a file or a pipe)")
+
+
+def positive_int(value: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {number}")
+    return number
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+class _Explicit:
+    """Mixin for argparse actions: adds the flag's ``dest`` to ``namespace.explicit`` when it is given.
+
+    A preset's values are overridden only by flags the user typed, also when a typed value equals the
+    flag's default (``--preset c10-wrn28-10-sam --epochs 30`` trains 30 epochs, not 200).
+    """
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        super().__call__(parser, namespace, values, option_string)  # type: ignore[misc]
+        namespace.explicit = frozenset({*getattr(namespace, "explicit", ()), self.dest})
+
+
+class _StoreExplicit(_Explicit, argparse._StoreAction):
+    pass
+
+
+class _BooleanExplicit(_Explicit, argparse.BooleanOptionalAction):
+    pass
+
+
+def add_train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | None = None,
+                    exclude: Sequence[str] = ()) -> None:
+    """One flag per :class:`TrainConfig` field (but ``exclude``), with ``defaults``' values as defaults."""
+    defaults = TrainConfig() if defaults is None else defaults
+    parser.set_defaults(explicit=frozenset())
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in exclude:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        kwargs: dict[str, Any] = {"dest": f.name, "help": _TRAIN_HELP[f.name], "default": default,
+                                  "action": _StoreExplicit}
+        if f.name in _CHOICES:
+            kwargs.update(choices=list(_CHOICES[f.name]), metavar="{" + ",".join(_CHOICES[f.name]) + "}")
+        if isinstance(default, bool) or f.name == "augment":
+            kwargs["action"] = _BooleanExplicit
+        elif isinstance(default, list):
+            kwargs.update(type=float, nargs="+")
+        elif f.name == "data_root":
+            kwargs["type"] = str
+        elif f.name in ("rho", "rho_min", "max_grad_norm") or isinstance(default, float):
+            kwargs["type"] = float
+        elif isinstance(default, int):
+            kwargs["type"] = int
+        parser.add_argument(flag, **kwargs)
+
+
+def resolve_train_config(args: argparse.Namespace, defaults: TrainConfig | None = None) -> TrainConfig:
+    """The TrainConfig of the parsed flags: ``--preset``'s values overridden by the flags given explicitly, or
+    every flag's value (its default where not given)."""
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    if getattr(args, "preset", None) is not None:
+        return preset_config(args.preset, **{k: getattr(args, k) for k in fields if k in args.explicit})
+    values = {k: getattr(args, k) for k in fields if hasattr(args, k)}
+    if values.get("dataset", "digits") != "digits" and values.get("data_root") is None and not values.get("download"):
+        folder = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/"}.get(values["dataset"], "the files")
+        raise ValueError(f"--dataset {values['dataset']} is read from files: pass --data-root DIR (the directory "
+                         f"holding {folder}) or --download to fetch it there")
+    return dataclasses.replace(TrainConfig() if defaults is None else defaults, **values)
+
+
+# ------------------------------------------------------------------------------------------- analyses
+
+
+def add_analysis_flags(parser: argparse.ArgumentParser, name: str, *, batch_help: str = "examples per forward pass",
+                       seed_help: str = "seed of the random vectors") -> None:
+    """The flags of the analysis commands: which data, how evaluated, where written."""
+    parser.add_argument("checkpoint", type=Path, help="run directory, or a model.pt / snapshot inside one")
+    parser.add_argument("--split", choices=["train", "test"], default="train", help="data split to analyse")
+    parser.add_argument("--batch-size", type=positive_int, default=2048, help=batch_help)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="precision of the analysis")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"where to write the {name} files (default: the run directory)")
+    parser.add_argument("--overwrite", action="store_true", help=f"replace existing {name} results")
+    add_progress_flag(parser)
+
+
+def analysis_inputs(args: argparse.Namespace) -> Inputs:
+    return Inputs(split=args.split, batch_size=args.batch_size, dtype=args.dtype, device=args.device)
+
+
+def add_measure_flags(parser: argparse.ArgumentParser, defaults: MeasureSettings = MeasureSettings()) -> None:
+    """Flags of :class:`landscape.sharpness.MeasureSettings`."""
+    parser.add_argument("--measures", nargs="+", choices=list(MEASURES), default=list(defaults.measures),
+                        help="measures to compute")
+    parser.add_argument("--m", dest="ms", type=int, nargs="+", default=list(defaults.ms),
+                        help="chunk sizes m of the worst-case measures")
+    parser.add_argument("--rho", type=float, default=defaults.rho, help="radius of plain l2 m-sharpness")
+    parser.add_argument("--adaptive-rho", type=float, default=defaults.adaptive_rho,
+                        help="radius of adaptive l2 sharpness (c = |w|)")
+    parser.add_argument("--adaptive-rho-inf", type=float, default=defaults.adaptive_rho_inf,
+                        help="radius of adaptive l-inf sharpness")
+    parser.add_argument("--average-rho", type=float, default=defaults.average_rho,
+                        help="noise scale of average-case adaptive sharpness")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help="ascent steps of the worst-case measures (1: the SAM step)")
+    parser.add_argument("--ascent", choices=["pgd", "apgd"], default=defaults.ascent,
+                        help="projected gradient ascent or Auto-PGD")
+    parser.add_argument("--n-samples", type=int, default=defaults.n_samples, help="noise draws of average-case sharpness")
+    parser.add_argument("--keskar-epsilon", type=float, default=defaults.keskar_epsilon, help="Keskar box size epsilon")
+    parser.add_argument("--keskar-steps", type=int, default=defaults.keskar_steps, help="Auto-PGD steps of Keskar sharpness")
+    parser.add_argument("--pac-bayes-samples", type=int, default=defaults.pac_bayes_samples,
+                        help="noise draws per sigma of PAC-Bayes flatness")
+    parser.add_argument("--pac-bayes-iterations", type=int, default=defaults.pac_bayes_iterations,
+                        help="bisection steps on sigma")
+
+
+def measure_settings(args: argparse.Namespace) -> MeasureSettings:
+    names = [f.name for f in dataclasses.fields(MeasureSettings)]
+    return MeasureSettings(**{name: tuple(getattr(args, name)) if name in ("measures", "ms") else getattr(args, name)
+                              for name in names})
+
+
+# ------------------------------------------------------------------------------------------- comparing
+
+
+def add_compare_flags(parser: argparse.ArgumentParser) -> None:
+    """The sizes of :class:`sam.compare.CompareConfig` (``compare`` and ``demo``)."""
+    defaults = CompareConfig()
+    parser.add_argument("--surface-steps", type=int, default=defaults.surface_steps, help="2D grid points per axis")
+    parser.add_argument("--slice-steps", type=int, default=defaults.slice_steps, help="1D slice points")
+    parser.add_argument("--interpolation-steps", type=int, default=defaults.interpolation_steps,
+                        help="interpolation points")
+    parser.add_argument("--span", type=float, default=defaults.span, help="surfaces cover [-span, span] along each direction")
+    parser.add_argument("--density-runs", type=int, default=defaults.density_runs, help="SLQ runs of the eigenvalue density")
+    parser.add_argument("--density-steps", type=int, default=defaults.density_steps, help="Lanczos steps per SLQ run")
+    parser.add_argument("--trace-matvecs", type=int, default=defaults.trace_matvecs,
+                        help="Hessian-vector products of the trace")
+    parser.add_argument("--m", dest="ms", type=int, nargs="+", default=list(defaults.ms), help="chunk sizes of m-sharpness")
+    parser.add_argument("--rho", type=float, default=defaults.rho, help="radius of m-sharpness")
+    parser.add_argument("--zmax", type=float, default=None, help="loss cap of the surface figures (default: the largest loss)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the directions and random vectors")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    add_progress_flag(parser)
+
+
+def compare_config(args: argparse.Namespace) -> CompareConfig:
+    return CompareConfig(surface_steps=args.surface_steps, slice_steps=args.slice_steps,
+                         interpolation_steps=args.interpolation_steps, span=args.span, density_runs=args.density_runs,
+                         density_steps=args.density_steps, trace_matvecs=args.trace_matvecs, ms=tuple(args.ms),
+                         rho=args.rho, seed=args.seed, device=args.device, zmax=args.zmax)

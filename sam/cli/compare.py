@@ -1,0 +1,39 @@
+"""``sam-landscape compare``: two runs analysed with the same recipes, figures and an HTML report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..compare import compare
+from ._options import add_command, add_compare_flags, compare_config
+
+NAME = "compare"
+
+
+def register(commands: Any) -> argparse.ArgumentParser:
+    parser = add_command(
+        commands, NAME, help="SGD vs SAM: run every analysis not yet saved, then write the figures and an HTML report",
+        description="Compare two trained runs with the same recipes: Hessian spectrum and density, 2D surface and "
+        "1D slice along the same seeded directions, interpolation between them (train and test), m-sharpness. "
+        "Analyses are saved under OUT/analyses and reused; figures go to OUT as PNG and PDF, with a "
+        "self-contained OUT/report.html. Each run is labelled by its optimizer and rho unless --labels is given.")
+    parser.add_argument("run_a", type=Path, help="the first run (e.g. SGD)")
+    parser.add_argument("run_b", type=Path, help="the second run (e.g. SAM)")
+    parser.add_argument("--out", type=Path, required=True, help="directory for analyses, figures and report.html")
+    parser.add_argument("--labels", nargs=2, default=None, metavar=("A", "B"),
+                        help="names of the two runs (default: each run's optimizer and rho, e.g. 'SGD' and 'SAM rho=0.05')")
+    parser.add_argument("--study", type=Path, default=None, help="a sam-landscape study directory: adds Kendall tau against m")
+    parser.add_argument("--noise-study", type=Path, default=None,
+                        help="a label-noise study directory (or its noise_study.json): adds accuracy against noise")
+    add_compare_flags(parser)
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    compare(args.run_a, args.run_b, args.out, compare_config(args),
+            labels=tuple(args.labels) if args.labels is not None else None, study_dir=args.study,
+            noise_study=args.noise_study, progress=args.progress)
+    return 0
