@@ -128,15 +128,18 @@ def hessian_operator(
     batch_size: int | None = None,
     hvp_method: str = "auto",
     distributed: bool = False,
+    **objective_options: Any,
 ) -> HessianOperator:
     """The Hessian of ``L`` at the model's weights as a :class:`~landscape.linop.LinearOperator`.
 
     ``distributed=True`` (under ``torchrun``): ``data`` is this process's shard and each product is
     summed over the processes with one ``all_reduce`` (:class:`~landscape.objective.Objective`); the
-    functions below take the same flag and return the same result on every process.
+    functions below take the same flag and return the same result on every process. Other keyword
+    arguments (``forward``, ``weight``, ``params``, ``stream``, ``memory_budget``) go to the
+    :class:`~landscape.objective.Objective`, in these functions too.
     """
     objective = Objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size,
-                          hvp_method=hvp_method, distributed=distributed)
+                          hvp_method=hvp_method, distributed=distributed, **objective_options)
     return objective.hessian_operator()
 
 
@@ -159,6 +162,7 @@ def top_eigenvalues(
     seed: int = 0,
     progress: bool = True,
     operator: HessianOperator | None = None,
+    **objective_options: Any,
 ) -> HessianEigen:
     """Top-``k`` Hessian eigenpairs by Lanczos on exact Hessian-vector products.
 
@@ -192,7 +196,7 @@ def top_eigenvalues(
         raise ValueError("power iteration finds largest-magnitude eigenvalues: use which='LM' with method='power'")
     op = operator or hessian_operator(
         model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method=hvp_method,
-        distributed=distributed,
+        distributed=distributed, **objective_options,
     )
     return _eigenpairs(op, k, which, tol, max_matvecs, method, ncv, seed, _shows_progress(op, progress))
 
@@ -245,6 +249,7 @@ def hessian_trace(
     seed: int = 0,
     progress: bool = True,
     operator: HessianOperator | None = None,
+    **objective_options: Any,
 ) -> TraceEstimate:
     """Estimate ``tr H`` with ``n_matvecs`` Hessian-vector products and give a standard error.
 
@@ -256,7 +261,7 @@ def hessian_trace(
         raise ValueError(f"unknown trace method {method!r}; choose one of {TRACE_METHODS}")
     op = operator or hessian_operator(
         model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method=hvp_method,
-        distributed=distributed,
+        distributed=distributed, **objective_options,
     )
     return _trace(op, method, n_matvecs, seed, _shows_progress(op, progress))
 
@@ -284,6 +289,7 @@ def spectral_density(
     seed: int = 0,
     progress: bool = True,
     operator: HessianOperator | None = None,
+    **objective_options: Any,
 ) -> Density:
     """The Hessian eigenvalue density by stochastic Lanczos quadrature (Ghorbani et al. 2019, Sec. 3).
 
@@ -295,7 +301,7 @@ def spectral_density(
     """
     op = operator or hessian_operator(
         model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method=hvp_method,
-        distributed=distributed,
+        distributed=distributed, **objective_options,
     )
     return density_from_operator(
         op, n_runs=n_runs, n_steps=n_steps, seed=seed, sigma_squared=sigma_squared, grid=grid,
@@ -319,13 +325,14 @@ def summary(
     seed: int = 0,
     progress: bool = True,
     operator: HessianOperator | None = None,
+    **objective_options: Any,
 ) -> HessianSummary:
     """``lambda_max``, ``lambda_max / lambda_5`` and the trace (Hutch++) of the Hessian at ``w``."""
     if k < 5:
         raise ValueError(f"summary reports lambda_max / lambda_5 and needs k >= 5; got k={k}")
     op = operator or hessian_operator(
         model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method=hvp_method,
-        distributed=distributed,
+        distributed=distributed, **objective_options,
     )
     start = op.n_matvecs
     progress = _shows_progress(op, progress)

@@ -2,17 +2,28 @@
 
 .. math::
 
-    L(w) = \\frac{1}{N} \\sum_{b} n_b\\, \\ell_b(w),\\qquad \\ell_b = \\text{mean loss of batch } b,
+    L(w) = \\frac{\\sum_b n_b\\, \\ell_b(w)}{\\sum_b n_b},\\qquad \\ell_b = \\text{mean loss of batch } b,
 
-summed over every batch weighted by its size (never a plain mean of batch means). The model runs in
-eval mode (BatchNorm uses its running statistics, dropout is off), the data are moved to the device once
-and used in a fixed order, and buffers are never perturbed. Every quantity goes through
+the mean over every loss term of the dataset (SPEC Sec. 2): ``n_b`` is the number of loss terms of batch
+``b`` (examples, or the tokens that are not ``-100``; :mod:`landscape.batches`), so the value does not
+depend on how the data are batched. The model runs in eval mode (BatchNorm uses its running statistics,
+dropout is off), the data are read in a fixed order (kept on the device, or streamed to it one batch at a
+time: :mod:`landscape.data`), and buffers are never perturbed. Every quantity goes through
 ``torch.func.functional_call`` on a parameter dict, so the user's module is never left modified: its
 train/eval flags are restored after each call and its buffers are copied.
 
-A determinism check (two evaluations of the first batch must agree, the buffers must not change, and a
-DataLoader must yield the same data twice) raises :class:`NondeterministicObjective` naming the cause:
+The analysed parameters are the trainable ones, or the subset ``params=`` names (a list of names or a
+predicate on the name): the others stay fixed, like buffers.
+
+A determinism check (two evaluations of the first batch must agree, the buffers must not change, and the
+data must be the same on every pass) raises :class:`NondeterministicObjective` naming the cause:
 train-mode BatchNorm, dropout, shuffling or augmentation.
+
+Hessian-vector products are exact: forward-over-reverse (``torch.func.jvp`` of the gradient), double
+backward, or one backward pass through the kept graph of the gradient (one batch kept on the device). The
+method is picked by timing on the first batch; a method the model does not support (a ``torch.compile``d
+module has no double backward through its graph) is skipped with one warning. They run with PyTorch's
+math attention kernel, the one ``scaled_dot_product_attention`` has second derivatives for.
 
 Data-parallel over processes (``distributed=True`` under ``torchrun``): each process holds a shard of
 the data (e.g. its :func:`landscape.distributed.shard`), the weights ``n_b / N`` use the global ``N``, and every
@@ -23,8 +34,10 @@ collective, and every process gets the same result (so Lanczos runs in lockstep 
 from __future__ import annotations
 
 import contextlib
+import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -33,23 +46,28 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
 from . import distributed as _distributed
+from .batches import BatchProtocol, Forward, LossFn, Weight, batch_size, fingerprint, map_tensors
+from .data import BatchSource
 from .linop import LinearOperator
 
 __all__ = [
     "Data",
+    "LossFn",
     "Objective",
     "HessianOperator",
     "NondeterministicObjective",
     "ParamLayout",
-    "as_batches",
+    "ParamSelection",
+    "select_parameters",
     "evaluation_objective",
 ]
 
-Data = Union[torch.utils.data.DataLoader, tuple[Tensor, Tensor], list[tuple[Tensor, Tensor]]]
-LossFn = Callable[[Tensor, Tensor], Tensor]
+Data = Union[torch.utils.data.DataLoader, torch.utils.data.Dataset, tuple, Mapping, list]
 Params = dict[str, Tensor]
+ParamSelection = Union[Sequence[str], Callable[[str], bool], None]
 
 HVP_METHODS = ("auto", "jvp", "double_backward", "graph")
+_COMPILED_PREFIX = "_orig_mod."
 
 
 class NondeterministicObjective(RuntimeError):
@@ -87,38 +105,45 @@ class ParamLayout:
         return {name: chunk.view(shape) for name, chunk, shape in zip(self.names, chunks, self.shapes)}
 
 
-def as_batches(
-    data: Data, *, device: torch.device, dtype: torch.dtype | None = None, batch_size: int | None = None
-) -> list[tuple[Tensor, Tensor]]:
-    """The dataset as a list of ``(x, y)`` batches on ``device``, materialised once.
+def select_parameters(model: nn.Module, params: ParamSelection = None) -> list[str]:
+    """The names of the parameters to analyse, in the model's order.
 
-    ``data`` may be a DataLoader (iterated once, in its order), an ``(X, y)`` tuple of tensors (cut
-    into batches of ``batch_size``, default 2048) or a list of ``(x, y)`` batches. Floating inputs are
-    cast to ``dtype`` when given.
+    Args:
+        model: the network.
+        params: ``None`` (every parameter with ``requires_grad``), a list of names, or a predicate on the
+            name. Names may leave out the ``_orig_mod.`` prefix of a ``torch.compile``d module. Listed names
+            are analysed even when frozen; a predicate sees the trainable ones only.
+
+    Raises:
+        ValueError: a listed name is not a parameter, or nothing is selected.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> select_parameters(model, lambda name: name.startswith("2."))
+        ['2.weight', '2.bias']
     """
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"(X, y) must have the same number of examples; got {x.shape[0]} and {y.shape[0]}")
-        size = batch_size or 2048
-        batches: Iterable[Any] = [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
-    elif isinstance(data, (torch.utils.data.DataLoader, list)):
-        batches = data
+    named = dict(model.named_parameters())
+    if params is None or callable(params):
+        chosen = [n for n, p in named.items() if p.requires_grad and (params is None or params(_plain(n)))]
+    elif isinstance(params, str):
+        raise ValueError(f"params takes a list of names or a predicate, not one string; got {params!r} "
+                         f"(write [{params!r}])")
     else:
-        raise TypeError(
-            "data must be a DataLoader, an (X, y) tuple of tensors or a list of (x, y) batches; "
-            f"got {type(data).__name__}"
-        )
-    out = []
-    for i, batch in enumerate(batches):
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError(f"batch {i} must be an (x, y) pair; got {type(batch).__name__}")
-        x, y = batch
-        x = x.to(device=device, dtype=dtype if dtype is not None and x.is_floating_point() else x.dtype)
-        out.append((x, y.to(device)))
-    if not out:
-        raise ValueError("data holds no batches")
-    return out
+        wanted = set(params)
+        by_plain = {_plain(n): n for n in named}
+        unknown = sorted(n for n in wanted if n not in named and n not in by_plain)
+        if unknown:
+            raise ValueError(f"params names {unknown} are not parameters of the model; its parameters include "
+                             f"{list(by_plain)[:6]}")
+        chosen = [n for n in named if n in wanted or _plain(n) in wanted]
+    if not chosen:
+        raise ValueError("no parameter to analyse: the model has none with requires_grad=True, or params= selects "
+                         "none of them")
+    return chosen
+
+
+def _plain(name: str) -> str:
+    return name[len(_COMPILED_PREFIX):] if name.startswith(_COMPILED_PREFIX) else name
 
 
 @contextlib.contextmanager
@@ -134,23 +159,63 @@ def _training_flags(model: nn.Module, training: bool) -> Iterator[None]:
             m.training = flag
 
 
+def _second_order() -> contextlib.AbstractContextManager:
+    """Attention through the math kernel: the fused ones have no second derivatives (no double backward,
+    no forward-mode AD), the math one is built from differentiable operations."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+class _Caller(nn.Module):
+    """The model fed by the batch protocol, as a module taking the batch (for ``functional_call``)."""
+
+    def __init__(self, model: nn.Module, protocol: BatchProtocol) -> None:
+        super().__init__()
+        self.model = model
+        self.protocol = protocol
+
+    def forward(self, batch: Any) -> Any:
+        return self.protocol.call(self.model, batch)
+
+
+def _upcast(output: Any) -> Any:
+    """Half-precision tensors of an output (a bf16/fp16 autocast forward) in float32, for the loss."""
+    if isinstance(output, Tensor):
+        return output.float() if output.dtype in (torch.bfloat16, torch.float16) else output
+    if isinstance(output, (Mapping, tuple, list)):
+        return map_tensors(lambda t: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t, output)
+    return output
+
+
 class Objective:
     """``L(w)`` of a model on a dataset, with its gradient and exact Hessian-vector products.
 
     Args:
         model: the network. Its parameters at construction are the default point ``w``.
-        loss_fn: mean-reduced loss ``loss_fn(output, y)``, e.g. ``torch.nn.functional.cross_entropy``.
-        data: DataLoader, ``(X, y)`` tuple or list of ``(x, y)`` batches (every example used once).
+        loss_fn: mean-reduced loss ``loss_fn(output, target)``, e.g. ``torch.nn.functional.cross_entropy``
+            (or :func:`landscape.batches.token_cross_entropy` for ``[B, T, V]`` logits); ``None`` takes the
+            model's own ``loss`` (Hugging Face style batches with ``labels``).
+        data: see :mod:`landscape.data` (a DataLoader, a Dataset, tensors, or a list of batches); batches
+            follow :mod:`landscape.batches`.
+        forward: ``(model, batch) -> output`` for models fed another way than the batch protocol's.
+        weight: ``(batch) -> n_b``, the number of loss terms of a batch (default: counted by the protocol).
+        target: ``(batch) -> target`` for batches that are neither ``(inputs, target)`` pairs nor Mappings
+            with ``labels`` (with ``forward=``).
+        params: which parameters to analyse (:func:`select_parameters`; default: every trainable one).
+        stream: read the data from the source on every pass, one batch on the device at a time (default:
+            when they would exceed ``memory_budget``).
+        memory_budget: bytes the kept data may take on the device (default: a quarter of its memory).
         device: where to evaluate; default: the model's device.
         dtype: floating dtype of parameters, buffers and inputs (e.g. ``torch.float64`` for reference
             computations); default: the model's.
-        batch_size: batch size when ``data`` is an ``(X, y)`` tuple.
+        batch_size: examples per batch when ``data`` are tensors or a Dataset (default 2048).
         train_mode: evaluate in train mode (BatchNorm batch statistics, dropout on). Off by default;
             the determinism check then reports why the objective is not a fixed function.
         hvp_method: ``"jvp"`` (forward-over-reverse), ``"double_backward"`` (reverse-over-reverse),
-            ``"graph"`` (reverse-over-reverse keeping every batch's gradient graph between products: one
-            backward pass per product, memory growing with the dataset) or ``"auto"``: ``"graph"`` when
-            the data are one batch, else whichever of the first two is faster on the first batch.
+            ``"graph"`` (reverse-over-reverse keeping the gradient's graph between products: one backward
+            pass per product; only for one kept batch) or ``"auto"``: ``"graph"`` for one kept batch, else
+            whichever of the first two is faster on the first batch.
         check: run the determinism check at construction.
         distributed: ``data`` is this process's shard of the dataset; losses, gradients and
             Hessian-vector products are summed over the processes of the default group (one
@@ -161,9 +226,15 @@ class Objective:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None,
         data: Data,
         *,
+        forward: Forward | None = None,
+        weight: Weight | None = None,
+        target: Callable[[Any], Tensor] | None = None,
+        params: ParamSelection = None,
+        stream: bool | None = None,
+        memory_budget: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         batch_size: int | None = None,
@@ -182,11 +253,11 @@ class Objective:
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype or first.dtype
         self.train_mode = train_mode
-        self.params: Params = {
-            name: p.detach().to(self.device, self.dtype) for name, p in model.named_parameters() if p.requires_grad
-        }
-        self.frozen: Params = {  # parameters with requires_grad=False: fixed, like buffers
-            name: p.detach().to(self.device, self.dtype) for name, p in model.named_parameters() if not p.requires_grad
+        chosen = set(select_parameters(model, params))
+        self.params: Params = {name: p.detach().to(self.device, self.dtype)
+                               for name, p in model.named_parameters() if name in chosen}
+        self.fixed: Params = {  # the other parameters: held fixed, like buffers
+            name: p.detach().to(self.device, self.dtype) for name, p in model.named_parameters() if name not in chosen
         }
         self.buffers: Params = {
             name: b.detach().to(self.device, self.dtype if b.is_floating_point() else b.dtype).clone()
@@ -194,19 +265,82 @@ class Objective:
         }
         self.layout = ParamLayout.of(self.params)
         self.distributed = bool(distributed) and _distributed.active()
-        self.batches = as_batches(data, device=self.device, dtype=self.dtype, batch_size=batch_size)
-        self.n_local = sum(int(x.shape[0]) for x, _ in self.batches)
-        count = torch.tensor([self.n_local], dtype=torch.float64, device=self.device)
-        self._reduce([count])
-        self.n_examples = int(count.item())
-        self._data_source = data
+        self.source = BatchSource(data, device=self.device, dtype=self.dtype, batch_size=batch_size, stream=stream,
+                                  memory_budget=memory_budget)
+        self.protocol = BatchProtocol(loss_fn, forward, weight, target)
+        self._caller = _Caller(model, self.protocol)
+        self._calibrate(self.source.first())
+        self._count()
         self._graph: tuple[Params, Params, list[Tensor]] | None = None  # (params, leaves, weighted gradient)
         if check:
             self.check_determinism()
-        if hvp_method == "auto":
-            hvp_method = "graph" if len(self.batches) == 1 else self._choose_hvp_method()
-        # Rank 0's choice for everyone: the processes must take the same products, in lockstep.
-        self.hvp_method = _distributed.broadcast_object(hvp_method) if self.distributed else hvp_method
+        self.hvp_method = self._resolve_hvp_method(hvp_method)
+
+    # -- the data ----------------------------------------------------------------------------------------
+
+    def _calibrate(self, batch: Any) -> None:
+        """Check the first batch and, for the model's own loss, find how its labels are counted."""
+        self.protocol.check(batch, 0)
+        if self.loss_fn is None and self.protocol.weight is None:
+            with torch.no_grad():
+                output = self.forward(self.params, batch)
+            self.protocol = self.protocol.calibrated(output, batch)
+            self._caller.protocol = self.protocol
+
+    def _count(self) -> None:
+        """One pass over the data: each batch's number of loss terms and a fingerprint of its data."""
+        terms, examples, prints = [], 0, []
+        for index, batch in enumerate(self.source):
+            if index:
+                self.protocol.check(batch, index)
+            terms.append(self.protocol.terms(batch))
+            examples += batch_size(batch)
+            prints.append(fingerprint(batch))
+        if not terms:
+            raise ValueError("data holds no batches")
+        self._terms = torch.stack([t.to(self.device) for t in terms]).tolist()  # one synchronisation
+        self._fingerprints = torch.stack(prints)
+        totals = torch.tensor([sum(self._terms), float(examples)], dtype=torch.float64, device=self.device)
+        self._reduce([totals])
+        self.n_terms, self.n_examples = float(totals[0]), int(totals[1])
+        self.n_local = examples
+        if not self.n_terms > 0:
+            raise ValueError("the data hold no loss terms: every target is the ignore index -100")
+
+    @property
+    def stream(self) -> bool:
+        """Whether the data are read from the source on every pass (one batch on the device at a time)."""
+        return self.source.stream
+
+    @property
+    def n_batches(self) -> int:
+        return len(self._terms)
+
+    def weighted_batches(self) -> Iterator[tuple[float, Any]]:
+        """``(n_b / N, batch)`` for every batch with loss terms, on the device, in order.
+
+        Streamed data are checked against the first pass as they come (their fingerprints, one
+        synchronisation at the end of the pass).
+
+        Raises:
+            NondeterministicObjective: streamed data changed between passes.
+        """
+        prints = [] if self.stream else None
+        count = 0
+        for index, batch in enumerate(self.source):
+            if prints is not None:
+                prints.append(fingerprint(batch))
+            count += 1
+            if index < len(self._terms) and self._terms[index] > 0:
+                yield self._terms[index] / self.n_terms, batch
+        if prints is not None:
+            self._check_same_data(prints, count)
+
+    def _check_same_data(self, prints: list[Tensor], count: int) -> None:
+        if count != len(self._terms) or not torch.equal(torch.stack(prints), self._fingerprints):
+            raise NondeterministicObjective(
+                "the data changed between two passes over them (a DataLoader that shuffles, or random "
+                "augmentation): pass an unshuffled loader without augmentation")
 
     def _reduce(self, tensors: list[Tensor]) -> None:
         """Sum per-process partial results over the processes, in place, in one collective."""
@@ -215,51 +349,55 @@ class Objective:
 
     # -- pure pieces over a parameter dict ----------------------------------------------------------
 
-    def forward(self, params: Params, x: Tensor, buffers: Params | None = None) -> Tensor:
-        """The model's output at ``params`` (the objective's fixed buffers, or ``buffers`` when given)."""
+    def forward(self, params: Params, batch: Any, buffers: Params | None = None) -> Any:
+        """The model's output on ``batch`` at ``params`` (the objective's fixed buffers, or ``buffers``)."""
+        tensors = {**self.fixed, **params, **(self.buffers if buffers is None else buffers)}
         with _training_flags(self.model, self.train_mode):
-            return functional_call(self.model, (params, self.frozen, self.buffers if buffers is None else buffers), (x,),
-                                   strict=True)
+            return functional_call(self._caller, {"model." + k: v for k, v in tensors.items()}, (batch,), strict=True)
 
-    def batch_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return self.loss_fn(self.forward(params, x), y)
-
-    def _weights(self) -> Iterator[tuple[float, Tensor, Tensor]]:
-        for x, y in self.batches:
-            yield x.shape[0] / self.n_examples, x, y
+    def batch_loss(self, params: Params, batch: Any, buffers: Params | None = None) -> Tensor:
+        """The mean loss of one batch at ``params``."""
+        return self.protocol.loss(self.forward(params, batch, buffers), batch)
 
     @torch.no_grad()
     def loss(self, params: Params | None = None) -> Tensor:
         """``L(w)`` as a 0-dim tensor (accumulated in float64)."""
         params = self.params if params is None else params
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for weight, x, y in self._weights():
-            total += weight * self.batch_loss(params, x, y).double()
+        for weight, batch in self.weighted_batches():
+            total += weight * self.batch_loss(params, batch).double()
         self._reduce([total])
         return total
 
     @torch.no_grad()
     def loss_and_accuracy(self, params: Params | None = None, buffers: Params | None = None) -> tuple[float, float]:
-        """``(L(w), accuracy)``; accuracy counts ``argmax(output) == y`` (classification). ``buffers``
-        replaces the objective's buffers for this evaluation (e.g. interpolated BatchNorm statistics)."""
+        """``(L(w), accuracy)``. Accuracy counts ``argmax`` predictions against integer targets (per token
+        where the target has a sequence axis, ignored positions skipped; :mod:`landscape.batches`); it is NaN
+        where it is not defined. ``buffers`` replaces the objective's buffers for this evaluation (e.g.
+        interpolated BatchNorm statistics)."""
         params = self.params if params is None else params
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss, number correct]
-        for weight, x, y in self._weights():
-            out = self.forward(params, x, buffers)
-            out = out.to(torch.promote_types(out.dtype, torch.float32))  # a bf16/fp16 autocast output
-            sums[0] += weight * self.loss_fn(out, y).double()
-            if out.ndim == 2 and not y.is_floating_point():
-                sums[1] += (out.argmax(dim=1) == y).sum()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # [loss, correct, counted]
+        defined = True
+        for weight, batch in self.weighted_batches():
+            output = _upcast(self.forward(params, batch, buffers))
+            sums[0] += weight * self.protocol.loss(output, batch).double()
+            counts = self.protocol.accuracy_counts(output, batch)
+            if counts is None:
+                defined = False
+            else:
+                sums[1] += counts[0]
+                sums[2] += counts[1]
         self._reduce([sums])
-        return float(sums[0]), float(sums[1]) / self.n_examples
+        loss, correct, counted = sums.tolist()
+        return loss, (correct / counted if defined and counted > 0 else float("nan"))
 
     def gradient(self, params: Params | None = None) -> Params:
         """``grad L(w)`` as a parameter dict, accumulated over the whole dataset."""
         params = self.params if params is None else params
         total = {k: torch.zeros_like(v) for k, v in params.items()}
         batch_grad = grad(self.batch_loss)
-        for weight, x, y in self._weights():
-            g = batch_grad(params, x, y)
+        for weight, batch in self.weighted_batches():
+            g = batch_grad(params, batch)
             torch._foreach_add_(list(total.values()), [g[k] for k in total], alpha=weight)
         self._reduce(list(total.values()))
         return total
@@ -268,13 +406,14 @@ class Objective:
         """Exact Hessian-vector product ``H(w) v`` over the whole dataset, as a parameter dict."""
         params = self.params if params is None else params
         method = method or self.hvp_method
-        if method == "graph":
-            return self._graph_hvp(v, params)
-        batch_hvp = _HVP[method]
-        total = {k: torch.zeros_like(t) for k, t in params.items()}
-        for weight, x, y in self._weights():
-            hv = batch_hvp(self.batch_loss, params, v, x, y)
-            torch._foreach_add_(list(total.values()), [hv[k] for k in total], alpha=weight)
+        with _second_order():
+            if method == "graph":
+                return self._graph_hvp(v, params)
+            batch_hvp = _HVP[method]
+            total = {k: torch.zeros_like(t) for k, t in params.items()}
+            for weight, batch in self.weighted_batches():
+                hv = batch_hvp(self.batch_loss, params, v, batch)
+                torch._foreach_add_(list(total.values()), [hv[k] for k in total], alpha=weight)
         self._reduce(list(total.values()))
         return total
 
@@ -288,8 +427,8 @@ class Objective:
             with torch.enable_grad():
                 leaves = {k: t.detach().requires_grad_(True) for k, t in params.items()}
                 total: list[Tensor] | None = None
-                for weight, x, y in self._weights():
-                    g = torch.autograd.grad(self.batch_loss(leaves, x, y), list(leaves.values()), create_graph=True)
+                for weight, batch in self.weighted_batches():
+                    g = torch.autograd.grad(self.batch_loss(leaves, batch), list(leaves.values()), create_graph=True)
                     total = [weight * t for t in g] if total is None else [a + weight * t for a, t in zip(total, g)]
             self._graph = (params, leaves, total)
         _, leaves, gradient = self._graph
@@ -308,27 +447,26 @@ class Objective:
     def check_determinism(self) -> None:
         """Evaluate the first batch twice and re-read a DataLoader; raise naming the cause if they differ.
 
+        Streamed data are also compared with their first pass on every later pass.
+
         Raises:
             NondeterministicObjective: the loss changed between evaluations (dropout, a random layer),
                 the buffers changed (train-mode BatchNorm updating running statistics), or the data loader
                 yielded different data (shuffling, augmentation).
         """
         causes = []
-        if isinstance(self._data_source, torch.utils.data.DataLoader):
-            again = as_batches(self._data_source, device=self.device, dtype=self.dtype)
-            same = len(again) == len(self.batches) and all(
-                torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(again, self.batches)
-            )
-            if not same:
+        if self.source.reads_again:
+            prints = [fingerprint(b) for b in self.source.reread()]
+            if len(prints) != len(self._terms) or not torch.equal(torch.stack(prints), self._fingerprints):
                 causes.append(
                     "the DataLoader yields different data on two passes (shuffle=True or random augmentation); "
-                    "pass an unshuffled loader without augmentation, or an (X, y) tuple"
+                    "pass an unshuffled loader without augmentation, or the tensors themselves"
                 )
-        x, y = self.batches[0]
+        batch = self.source.first()
         before = {k: b.clone() for k, b in self.buffers.items()}
         with torch.no_grad():
-            first = self.batch_loss(self.params, x, y)
-            second = self.batch_loss(self.params, x, y)
+            first = self.batch_loss(self.params, batch)
+            second = self.batch_loss(self.params, batch)
         if any(not torch.equal(before[k], b) for k, b in self.buffers.items()):
             self.buffers = before
             causes.append(self._mode_cause("BatchNorm in train mode updates its running statistics"))
@@ -345,50 +483,110 @@ class Objective:
         hint = "; evaluate in eval mode (train_mode=False)" if self.train_mode else ""
         return what + where + hint
 
-    def _choose_hvp_method(self) -> str:
-        """Time both exact HVPs on (up to 256 examples of) the first batch after a warm-up; keep the faster."""
-        x, y = self.batches[0]
-        x, y = x[:256], y[:256]
-        v = {k: torch.randn_like(t) for k, t in self.params.items()}
+    # -- the product method ---------------------------------------------------------------------------
+
+    def _resolve_hvp_method(self, asked: str) -> str:
+        """The product method: the one asked for, or the fastest that works (the same on every rank)."""
+        if asked == "graph" and self.stream:
+            raise ValueError("hvp_method='graph' keeps the gradient graph of every batch on the device, which streamed "
+                             "data (stream=True) must not: use 'jvp', 'double_backward' or 'auto'")
+        if asked == "auto":
+            if not self.stream and self.n_batches == 1:
+                method = "graph" if self._works("graph") else self._fastest()
+            else:
+                method = self._fastest()
+        else:
+            method = asked
+        # Rank 0's choice for everyone: the processes must take the same products, in lockstep.
+        return _distributed.broadcast_object(method) if self.distributed else method
+
+    def _probe(self) -> tuple[Any, Params]:
+        """Up to 256 examples of the first batch and a random direction, to try and time the products."""
+        from .batches import take
+
+        batch = self.source.first()
+        probe = take(batch, slice(0, 256))
+        return probe, {k: torch.randn_like(t) for k, t in self.params.items()}
+
+    def _works(self, method: str) -> bool:
+        """Whether ``method`` runs for this model (one product on a few examples); warns once when it does not."""
+        batch, v = self._probe()
+        try:
+            with _second_order():
+                if method == "graph":
+                    leaves = {k: t.detach().requires_grad_(True) for k, t in self.params.items()}
+                    with torch.enable_grad():
+                        g = torch.autograd.grad(self.batch_loss(leaves, batch), list(leaves.values()), create_graph=True)
+                        torch.autograd.grad(g, list(leaves.values()), grad_outputs=[v[k] for k in leaves])
+                else:
+                    _HVP[method](self.batch_loss, self.params, v, batch)
+        except (RuntimeError, NotImplementedError) as error:
+            _warn_once(f"Hessian-vector products by {_METHOD_NAMES[method]} do not work for this model "
+                       f"({_first_sentence(error)}); another exact method is used")
+            return False
+        return True
+
+    def _fastest(self) -> str:
+        """Time both torch.func products on the first batch after a warm-up; keep the faster that works."""
+        batch, v = self._probe()
         timings = {}
         for method in ("jvp", "double_backward"):
-            try:
-                _HVP[method](self.batch_loss, self.params, v, x, y)
-            except (RuntimeError, NotImplementedError):  # an op without forward-mode AD
+            if not self._works(method):
                 continue
             _synchronize(self.device)
             start = time.perf_counter()
-            for _ in range(2):
-                _HVP[method](self.batch_loss, self.params, v, x, y)
+            with _second_order():
+                for _ in range(2):
+                    _HVP[method](self.batch_loss, self.params, v, batch)
             _synchronize(self.device)
             timings[method] = time.perf_counter() - start
         if not timings:
-            raise RuntimeError("neither forward-over-reverse nor double-backward HVPs work for this model")
+            raise RuntimeError("no exact Hessian-vector product works for this model: neither forward-over-reverse "
+                               "nor double backward")
         return min(timings, key=timings.get)
+
+
+_METHOD_NAMES = {"graph": "backward through the kept gradient graph", "jvp": "forward-over-reverse (jvp)",
+                 "double_backward": "double backward"}
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _first_sentence(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return re.split(r"(?<=[.!?]) ", text)[0][:200]
 
 
 def evaluation_objective(
     model: nn.Module,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     data: Data,
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     batch_size: int | None = None,
+    **kwargs: Any,
 ) -> Objective:
     """An :class:`Objective` for losses and gradients (surfaces, sharpness): its HVP method is fixed to
-    double backward instead of being timed at construction, since these analyses need no HVPs."""
-    return Objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size, hvp_method="double_backward")
+    double backward instead of being tried and timed at construction, since these analyses need no HVPs.
+    Keyword arguments (``forward``, ``weight``, ``params``, ``stream``, ``memory_budget``, ...) go to it."""
+    return Objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size,
+                     hvp_method="double_backward", **kwargs)
 
 
-def _hvp_jvp(f: Callable[..., Tensor], params: Params, v: Params, x: Tensor, y: Tensor) -> Params:
+def _hvp_jvp(f: Callable[..., Tensor], params: Params, v: Params, batch: Any) -> Params:
     """Forward-over-reverse: ``d/dt grad f(w + t v)`` at ``t = 0`` (Pearlmutter 1994)."""
-    return jvp(lambda p: grad(f)(p, x, y), (params,), (v,))[1]
+    return jvp(lambda p: grad(f)(p, batch), (params,), (v,))[1]
 
 
-def _hvp_double_backward(f: Callable[..., Tensor], params: Params, v: Params, x: Tensor, y: Tensor) -> Params:
+def _hvp_double_backward(f: Callable[..., Tensor], params: Params, v: Params, batch: Any) -> Params:
     """Reverse-over-reverse: the vector-Jacobian product of ``grad f`` with ``v``."""
-    _, vjp_fn = vjp(lambda p: grad(f)(p, x, y), params)
+    _, vjp_fn = vjp(lambda p: grad(f)(p, batch), params)
     return vjp_fn(v)[0]
 
 

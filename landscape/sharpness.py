@@ -24,9 +24,12 @@ m-sharpness (Andriushchenko & Flammarion 2022, Eq. 3; Foret et al. 2021, Sec. 4.
              \\frac{1}{m} \\sum_{i \\in S} \\big[\\ell_i(w + c \\odot u) - \\ell_i(w)\\big],
 
 over a seeded random partition ``P`` of the data into disjoint chunks of ``m`` examples (the last
-``N mod m`` examples of the permutation are left out and the count used is reported). Each chunk has its
-own ascent; chunks are vectorised with ``torch.vmap`` over stacked perturbations (``m = 1`` gives
-per-example gradients), ``batched=False`` loops over chunks in Python (the reference path).
+``N mod m`` examples of the permutation are left out and the count used is reported). For ``m = 1`` every
+example is its own chunk whatever the permutation: the data are read batch by batch, in their order, so
+``per_chunk`` follows the data. Each chunk has its own ascent; chunks are vectorised with ``torch.vmap``
+over stacked perturbations (``m = 1`` gives per-example gradients), ``batched=False`` loops over chunks in
+Python (the reference path). A chunk's loss is the mean over its loss terms (its tokens, for a language
+model; :mod:`landscape.batches`); a chunk without any (every target ignored) is left out.
 
 Example:
     >>> import torch
@@ -41,8 +44,9 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,8 +56,9 @@ from torch import Tensor, nn
 from torch.func import grad_and_value
 
 from ._checks import check_int
+from .batches import batch_size, split_chunks, take
 from .lanczos import top_eigenpairs
-from .objective import Data, LossFn, Objective, Params, evaluation_objective
+from .objective import Data, LossFn, Objective, Params, _first_sentence, _warn_once, evaluation_objective
 from .progress import progress_bar
 
 __all__ = [
@@ -269,56 +274,87 @@ def ascend(
 
 
 # ---------------------------------------------------------------------------------- the chunk losses
-def _chunk_loss_fn(objective: Objective, origin: Params, scale: Params | None) -> Callable[[Params, Tensor, Tensor], Tensor]:
-    """``(u, x, y) -> loss_fn(f(x; w + c u), y)``: the mean loss of one chunk at a perturbation."""
+def _chunk_loss_fn(objective: Objective, origin: Params, scale: Params | None) -> Callable[[Params, Any], Tensor]:
+    """``(u, chunk) -> mean loss of the chunk at w + c u`` (a chunk is a batch of examples)."""
 
-    def chunk_loss(u: Params, x: Tensor, y: Tensor) -> Tensor:
+    def chunk_loss(u: Params, chunk: Any) -> Tensor:
         if scale is None:
             params = {k: origin[k] + u[k] for k in origin}
         else:
             params = {k: origin[k] + scale[k] * u[k] for k in origin}
-        return objective.batch_loss(params, x, y)
+        return objective.batch_loss(params, chunk)
 
     return chunk_loss
 
 
-def _vmapped_evaluators(chunk_loss: Callable[..., Tensor], x: Tensor, y: Tensor) -> tuple[ValueAndGrad, Value]:
-    """Evaluators for a stack of chunks ``x: (G, m, ...)``: one vmapped call each."""
-    vg = torch.vmap(grad_and_value(chunk_loss), in_dims=(0, 0, 0))
-    v = torch.vmap(chunk_loss, in_dims=(0, 0, 0))
+def _vmapped_evaluators(chunk_loss: Callable[..., Tensor], chunks: Any) -> tuple[ValueAndGrad, Value]:
+    """Evaluators for a stack of chunks (every tensor ``[G, m, ...]``): one vmapped call each."""
+    vg = torch.vmap(grad_and_value(chunk_loss), in_dims=(0, 0))
+    v = torch.vmap(chunk_loss, in_dims=(0, 0))
 
     def value_and_grad(u: Params) -> tuple[Tensor, Params]:
-        g, f = vg(u, x, y)
+        g, f = vg(u, chunks)
         return f, g
 
     def value(u: Params) -> Tensor:
         with torch.no_grad():
-            return v(u, x, y)
+            return v(u, chunks)
 
     return value_and_grad, value
 
 
-def _looped_evaluators(chunk_loss: Callable[..., Tensor], x: Tensor, y: Tensor, sub_batch: int) -> tuple[ValueAndGrad, Value]:
-    """Evaluators for one chunk ``x: (m, ...)`` as a stack of one, summing sub-batches of ``sub_batch``
-    examples weighted by their size (the chunk mean, for chunks too large for one call)."""
+def _looped_evaluators(objective: Objective, chunk_loss: Callable[..., Tensor], chunks: list[Any],
+                       sub_batch: int) -> tuple[ValueAndGrad, Value]:
+    """Evaluators for a stack of chunks, one chunk at a time; a chunk larger than ``sub_batch`` examples is
+    summed over sub-batches weighted by their loss terms (its mean loss, in pieces that fit)."""
     vg = grad_and_value(chunk_loss)
-    m = x.shape[0]
-    pieces = [(x[s : s + sub_batch], y[s : s + sub_batch]) for s in range(0, m, sub_batch)]
+    pieces = []
+    for chunk in chunks:
+        n = batch_size(chunk)
+        parts = [chunk] if n <= sub_batch else [take(chunk, slice(s, s + sub_batch)) for s in range(0, n, sub_batch)]
+        terms = [float(objective.protocol.terms(part)) for part in parts]
+        total = sum(terms)
+        pieces.append([(part, t / total if total > 0 else float("nan")) for part, t in zip(parts, terms) if t > 0 or total == 0])
 
     def value_and_grad(u: Params) -> tuple[Tensor, Params]:
-        single = {k: t[0] for k, t in u.items()}
-        total_f, total_g = None, None
-        for xs, ys in pieces:
-            g, f = vg(single, xs, ys)
-            weight = xs.shape[0] / m
-            total_f = weight * f if total_f is None else total_f + weight * f
-            total_g = {k: weight * t for k, t in g.items()} if total_g is None else _axpy(weight, g, total_g)
-        return total_f.reshape(1), {k: t.unsqueeze(0) for k, t in total_g.items()}
+        values, grads = [], []
+        for g, parts in enumerate(pieces):
+            single = {k: t[g] for k, t in u.items()}
+            total_f, total_g = None, None
+            for part, weight in parts:
+                grad_part, f = vg(single, part)
+                total_f = weight * f if total_f is None else total_f + weight * f
+                total_g = {k: weight * t for k, t in grad_part.items()} if total_g is None else _axpy(weight, grad_part, total_g)
+            values.append(total_f)
+            grads.append(total_g)
+        return torch.stack(values), {k: torch.stack([g[k] for g in grads]) for k in u}
 
     def value(u: Params) -> Tensor:
-        single = {k: t[0] for k, t in u.items()}
         with torch.no_grad():
-            return sum(xs.shape[0] / m * chunk_loss(single, xs, ys) for xs, ys in pieces).reshape(1)
+            return torch.stack([sum(weight * chunk_loss({k: t[g] for k, t in u.items()}, part) for part, weight in parts)
+                                for g, parts in enumerate(pieces)])
+
+    return value_and_grad, value
+
+
+def _whole_data_evaluators(objective: Objective, origin: Params, scale: Params | None) -> tuple[ValueAndGrad, Value]:
+    """Evaluators of ``L(w + c u)`` over the whole dataset (one chunk; passes of the objective, so streamed
+    data work): ``grad_u L = c * grad_w L``."""
+
+    dtype = objective.dtype  # the loss is summed in float64; the ascent runs in the parameters' dtype
+
+    def at(u: Params) -> Params:
+        return {k: origin[k] + (u[k][0] if scale is None else scale[k] * u[k][0]) for k in origin}
+
+    def value_and_grad(u: Params) -> tuple[Tensor, Params]:
+        params = at(u)
+        g = objective.gradient(params)
+        if scale is not None:
+            g = {k: scale[k] * t for k, t in g.items()}
+        return objective.loss(params).to(dtype).reshape(1), {k: t.unsqueeze(0) for k, t in g.items()}
+
+    def value(u: Params) -> Tensor:
+        return objective.loss(at(u)).to(dtype).reshape(1)
 
     return value_and_grad, value
 
@@ -346,15 +382,42 @@ def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
 
 def sharpness_objective(
     model: nn.Module,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     data: Data,
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     batch_size: int | None = None,
+    **objective_options: Any,
 ) -> Objective:
-    """The objective every measure here analyses; build it once and pass ``objective=`` to share it."""
-    return evaluation_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
+    """The objective every measure here analyses; build it once and pass ``objective=`` to share it.
+
+    Keyword arguments (``forward``, ``weight``, ``params``, ``stream``, ``memory_budget``) go to
+    :class:`~landscape.objective.Objective`.
+    """
+    return evaluation_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size,
+                                **objective_options)
+
+
+OBJECTIVE_OPTIONS = frozenset(inspect.signature(Objective.__init__).parameters) - {"self", "model", "loss_fn", "data"}
+"""The keyword arguments every measure passes on to :class:`~landscape.objective.Objective`."""
+
+
+def _objective_of(model: nn.Module | None, loss_fn: LossFn | None, data: Data | None, objective: Objective | None,
+                  **options: Any) -> Objective:
+    """``objective``, or one built from the model, loss and data; options that build one are refused beside it."""
+    given = sorted(k for k, v in options.items() if v is not None and k in OBJECTIVE_OPTIONS)
+    if objective is not None:
+        if given:
+            raise ValueError(f"{given} describe the objective; pass them to sharpness_objective(...), not beside "
+                             "objective=")
+        return objective
+    unknown = sorted(set(options) - OBJECTIVE_OPTIONS)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown}")
+    if model is None or data is None:
+        raise ValueError("pass model, loss_fn and data, or objective=")
+    return sharpness_objective(model, loss_fn, data, **options)
 
 
 def _scale(params: Params, adaptive: bool, eta: float) -> Params | None:
@@ -364,16 +427,10 @@ def _scale(params: Params, adaptive: bool, eta: float) -> Params | None:
     return {k: w.abs() + eta for k, w in params.items()}
 
 
-def _examples(objective: Objective) -> tuple[Tensor, Tensor]:
-    x = torch.cat([b[0] for b in objective.batches])
-    y = torch.cat([b[1] for b in objective.batches])
-    return x, y
-
-
-def _partition(n: int, m: int, seed: int, device: torch.device) -> Tensor:
-    """A seeded random partition of ``range(n)`` into ``n // m`` chunks of ``m``, shape ``(n // m, m)``."""
+def _partition(n: int, m: int, seed: int) -> Tensor:
+    """A seeded random partition of ``range(n)`` into ``n // m`` chunks of ``m``, shape ``(n // m, m)`` (CPU)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[: (n // m) * m].reshape(n // m, m).to(device)
+    return order[: (n // m) * m].reshape(n // m, m)
 
 
 def _examples_per_call(device: torch.device, examples_per_call: int | None) -> int:
@@ -382,7 +439,7 @@ def _examples_per_call(device: torch.device, examples_per_call: int | None) -> i
     return _EXAMPLES_PER_CALL.get(device.type, _EXAMPLES_PER_CALL["cuda"])
 
 
-def _chunks_per_call(m: int, n_params: int, examples_per_call: int) -> int:
+def _chunk_budget(m: int, n_params: int, examples_per_call: int) -> int:
     return max(1, min(examples_per_call // m, _PARAM_ELEMENTS_PER_CALL // max(n_params, 1)))
 
 
@@ -403,37 +460,82 @@ def _worst_case(
     progress: bool,
     desc: str,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Per-chunk ``(L_S(w), max_u L_S(w + c u))`` for a partition into chunks of ``m`` (``None``: one chunk)."""
-    x_all, y_all = _examples(objective)
-    n = x_all.shape[0]
-    m = n if m is None else m
+    """Per-chunk ``(L_S(w), max_u L_S(w + c u))`` for a partition into chunks of ``m`` (``None``: one chunk,
+    the whole dataset). Chunks without loss terms (every target ignored) are left out."""
+    origin = objective.params
+    n = objective.n_examples
+    if m is None:
+        zeros = {k: torch.zeros((1,) + w.shape, dtype=w.dtype, device=w.device) for k, w in origin.items()}
+        value_and_grad, value = _whole_data_evaluators(objective, origin, scale)
+        base, best = ascend(value_and_grad, value, zeros, rho, p, steps, ascent, step_size)
+        settings = {"m": n, "n_chunks": 1, "n_examples_used": n, "n_examples": n, "chunks_per_call": 1,
+                    "vectorised": False}
+        return base.double().cpu().numpy(), best.double().cpu().numpy(), settings
     if m > n:
         raise ValueError(f"m must be at most the number of examples ({n}); got m={m}")
-    chunks = _partition(n, m, seed, objective.device)
-    origin = objective.params
     chunk_loss = _chunk_loss_fn(objective, origin, scale)
     n_params = sum(t.numel() for t in origin.values())
     budget = _examples_per_call(objective.device, examples_per_call)
     vectorised = batched and m <= budget
-    group = _chunks_per_call(m, n_params, budget) if vectorised else 1
+    group = _chunk_budget(m, n_params, budget) if vectorised else 1
     bases, bests = [], []
-    bar = progress_bar(total=chunks.shape[0], desc=desc, unit="chunk", enabled=progress, leave=False)
-    for start in range(0, chunks.shape[0], group):
-        idx = chunks[start : start + group]
-        x, y = x_all[idx], y_all[idx]  # (G, m, ...)
-        zeros = {k: torch.zeros((idx.shape[0],) + w.shape, dtype=w.dtype, device=w.device) for k, w in origin.items()}
-        if vectorised:
-            value_and_grad, value = _vmapped_evaluators(chunk_loss, x, y)
-        else:
-            value_and_grad, value = _looped_evaluators(chunk_loss, x[0], y[0], budget)
+    vmap_works: list[bool | None] = [None if vectorised else False]  # None: not tried on this model yet
+    bar = progress_bar(total=n // m, desc=desc, unit="chunk", enabled=progress, leave=False)
+    for chunks, count in _chunk_groups(objective, m, group, seed):
+        zeros = {k: torch.zeros((count,) + w.shape, dtype=w.dtype, device=w.device) for k, w in origin.items()}
+        value_and_grad, value = _group_evaluators(objective, chunk_loss, chunks, count, m, budget, vmap_works)
         base, best = ascend(value_and_grad, value, zeros, rho, p, steps, ascent, step_size)
         bases.append(base.double().cpu())
         bests.append(best.double().cpu())
-        bar.update(idx.shape[0])
+        bar.update(count)
     bar.close()
-    settings = {"m": m, "n_chunks": int(chunks.shape[0]), "n_examples_used": int(chunks.numel()),
-                "n_examples": n, "chunks_per_call": group, "vectorised": vectorised}
-    return torch.cat(bases).numpy(), torch.cat(bests).numpy(), settings
+    base, best = torch.cat(bases).numpy(), torch.cat(bests).numpy()
+    has_terms = np.isfinite(base)
+    settings = {"m": m, "n_chunks": int(has_terms.sum()), "n_examples_used": int(base.size * m), "n_examples": n,
+                "chunks_per_call": group, "vectorised": vectorised}
+    return base[has_terms], best[has_terms], settings
+
+
+def _chunk_groups(objective: Objective, m: int, group: int, seed: int) -> Iterator[tuple[Any, int]]:
+    """``(batch of count * m examples, count)`` for every group of chunks, on the device.
+
+    ``m = 1``: every example is its own chunk whatever the partition, and the data are read batch by batch
+    (streamed data never need random access). ``m > 1``: the seeded random partition of all the examples;
+    each group's examples are gathered from the source (:meth:`landscape.data.BatchSource.examples`).
+    """
+    if m == 1:
+        for batch in objective.source:
+            size = batch_size(batch)
+            for start in range(0, size, group):
+                yield take(batch, slice(start, start + group)), min(group, size - start)
+        return
+    chunks = _partition(objective.n_examples, m, seed)
+    for start in range(0, chunks.shape[0], group):
+        picked = chunks[start : start + group]
+        yield objective.source.examples(picked.reshape(-1)), picked.shape[0]
+
+
+def _group_evaluators(objective: Objective, chunk_loss: Callable[..., Tensor], examples: Any, count: int, m: int,
+                      budget: int, vmap_works: list[bool | None]) -> tuple[ValueAndGrad, Value]:
+    """Evaluators for ``count`` chunks of ``m`` consecutive examples: vmapped over the chunks unless
+    ``vmap_works[0]`` is False. A model with data-dependent control flow (such as Hugging Face attention-mask
+    handling) cannot be vmapped: the first group tries (``None``), and a failure switches to evaluating the
+    chunks one at a time, said once."""
+    if vmap_works[0] is not False:
+        evaluators = _vmapped_evaluators(chunk_loss, split_chunks(examples, count, m))
+        if vmap_works[0]:
+            return evaluators
+        try:
+            evaluators[1]({k: torch.zeros((count,) + w.shape, dtype=w.dtype, device=w.device)
+                           for k, w in objective.params.items()})
+            vmap_works[0] = True
+            return evaluators
+        except (RuntimeError, NotImplementedError) as error:
+            vmap_works[0] = False
+            _warn_once(f"{type(objective.model).__name__} cannot be vmapped over chunks of examples "
+                       f"({_first_sentence(error)}); its chunks are evaluated one at a time")
+    chunks = [take(examples, slice(g * m, (g + 1) * m)) for g in range(count)]
+    return _looped_evaluators(objective, chunk_loss, chunks, budget)
 
 
 def _chunk_result(measure: str, bases: np.ndarray, bests: np.ndarray, settings: dict[str, Any]) -> SharpnessResult:
@@ -464,6 +566,7 @@ def m_sharpness(
     batch_size: int | None = None,
     progress: bool = True,
     objective: Objective | None = None,
+    **objective_options: Any,
 ) -> SharpnessResult:
     """m-sharpness ``S_m(w)`` (Andriushchenko & Flammarion 2022, Eq. 3; Foret et al. 2021, Sec. 4.1).
 
@@ -502,7 +605,8 @@ def m_sharpness(
     ascent = _check_choice("ascent", ascent, ASCENTS)
     if step_size is not None:
         step_size = _check_rho("step_size", step_size)
-    objective = objective or sharpness_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
+    objective = _objective_of(model, loss_fn, data, objective, dtype=dtype, device=device, batch_size=batch_size,
+                              **objective_options)
     scale = _scale(objective.params, adaptive, eta)
     bases, bests, info = _worst_case(
         objective, m=m, rho=rho, p=p, steps=steps, ascent=ascent, step_size=step_size, scale=scale, seed=seed,
@@ -539,7 +643,9 @@ def m_sharpness_curve(
     """
     if len(ms) == 0:
         raise ValueError("ms must list at least one chunk size")
-    objective = objective or sharpness_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in OBJECTIVE_OPTIONS}
+    objective = _objective_of(model, loss_fn, data, objective, dtype=dtype, device=device, batch_size=batch_size,
+                              **options)
     results = [m_sharpness(None, None, None, m, rho, steps, objective=objective, **kwargs) for m in ms]
     return SharpnessCurve([r.settings["m"] for r in results], [r.value for r in results],
                           [r.std_error for r in results], results)
@@ -574,7 +680,9 @@ def adaptive_sharpness(
     rescaling a ReLU layer by ``a`` and the next by ``1 / a`` when ``eta = 0``.
     """
     kind = _check_choice("kind", kind, ("worst", "average"))
-    objective = objective or sharpness_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in OBJECTIVE_OPTIONS}
+    objective = _objective_of(model, loss_fn, data, objective, dtype=dtype, device=device, batch_size=batch_size,
+                              **options)
     if kind == "average":
         if m is not None or steps != 1 or ascent != "pgd" or kwargs:
             ignored = [name for name, value in (("m", m is not None), ("steps", steps != 1), ("ascent", ascent != "pgd")) if value]
@@ -620,6 +728,7 @@ def average_sharpness(
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    **objective_options: Any,
 ) -> SharpnessResult:
     """Average-case sharpness ``E_z[L(w + c * rho z)] - L(w)`` (Andriushchenko et al. 2023, Eq. 3).
 
@@ -632,7 +741,8 @@ def average_sharpness(
     p = _check_p(p)
     noise = _check_choice("noise", noise, NOISES)
     n_samples = check_int("n_samples", n_samples, 1)
-    objective = objective or sharpness_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
+    objective = _objective_of(model, loss_fn, data, objective, dtype=dtype, device=device, batch_size=batch_size,
+                              **objective_options)
     origin = objective.params
     scale = _scale(origin, adaptive, eta)
     base = float(objective.loss(origin))
@@ -662,6 +772,7 @@ def keskar_sharpness(
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    **objective_options: Any,
 ) -> SharpnessResult:
     """Keskar et al. 2017 epsilon-sharpness (Eq. 4), in percent, in the full parameter space (``A = I``):
 
@@ -676,7 +787,8 @@ def keskar_sharpness(
     epsilon = _check_rho("epsilon", epsilon)
     steps = check_int("steps", steps, 1)
     ascent = _check_choice("ascent", ascent, ASCENTS)
-    objective = objective or sharpness_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
+    objective = _objective_of(model, loss_fn, data, objective, dtype=dtype, device=device, batch_size=batch_size,
+                              **objective_options)
     scale = _scale(objective.params, True, 1.0)
     bases, bests, info = _worst_case(
         objective, m=None, rho=epsilon, p=math.inf, steps=steps, ascent=ascent, step_size=None, scale=scale, seed=0,
@@ -706,6 +818,7 @@ def pac_bayes_flatness(
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    **objective_options: Any,
 ) -> SharpnessResult:
     """PAC-Bayes flatness ``1 / sigma'^2`` (Jiang et al. 2020, Sec. 4 and App. C.3, "pacbayes.flatness").
 
@@ -725,7 +838,8 @@ def pac_bayes_flatness(
         raise ValueError(f"sigma_range must be (low, high) with 0 < low < high; got {sigma_range!r}")
     n_samples = check_int("n_samples", n_samples, 1)
     iterations = check_int("iterations", iterations, 1)
-    objective = objective or sharpness_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
+    objective = _objective_of(model, loss_fn, data, objective, dtype=dtype, device=device, batch_size=batch_size,
+                              **objective_options)
     origin = objective.params
     _, accuracy = objective.loss_and_accuracy(origin)
     target = accuracy - accuracy_drop

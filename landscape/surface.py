@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from . import distributed as _distributed
 from ._checks import check_int
 from .directions import _check_same_layout, difference, random_direction, random_plane
-from .objective import Data, LossFn, Objective, Params, _training_flags, evaluation_objective
+from .batches import batch_size, take, tensors_of
+from .objective import Data, LossFn, Objective, Params, _training_flags, _upcast, evaluation_objective
 from .progress import progress_bar
 from .storage import atomic_write, atomic_write_json, differing_keys, read_json
 
@@ -154,34 +155,57 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def _point_values(objective: Objective) -> Any:
+    """``(params, batch, buffers) -> (loss, correct, counted)`` of one point, for ``torch.vmap`` over points.
+
+    ``correct`` is NaN where accuracy is not defined (:mod:`landscape.batches`); whether it is does not
+    depend on the point, so every point of a block agrees.
+    """
+    protocol = objective.protocol
+
+    def values(params: Params, batch: Any, buffers: Params | None) -> tuple[Tensor, Tensor, Tensor]:
+        output = _upcast(objective.forward(params, batch, buffers))
+        loss = protocol.loss(output, batch).double()
+        counts = protocol.accuracy_counts(output, batch)
+        if counts is None:
+            nan = torch.full((), float("nan"), dtype=torch.float64, device=loss.device)
+            return loss, nan, nan
+        return loss, counts[0].double(), counts[1].double()
+
+    return values
+
+
 @torch.no_grad()
 def _evaluate_block(
     objective: Objective, origin: Params, directions: list[Params], points: Tensor, autocast_dtype: torch.dtype | None,
     buffer_directions: list[Params] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Loss and number correct at a ``(Q, d)`` block of points, with one vmapped pass per data batch."""
+    """Loss and accuracy at a ``(Q, d)`` block of points, with one vmapped pass per data batch."""
     stacked, param_dims = _block_params(origin, directions, points)
     buffers, buffer_dims = _block_buffers(objective, buffer_directions, points)
-    total = torch.zeros(points.shape[0], dtype=torch.float64, device=objective.device)
-    correct = torch.zeros(points.shape[0], dtype=torch.long, device=objective.device)
+    sums = torch.zeros(3, points.shape[0], dtype=torch.float64, device=objective.device)  # loss, correct, counted
     autocast = _autocast(objective.device, autocast_dtype)
+    at_points = torch.vmap(_point_values(objective), in_dims=(param_dims, None, buffer_dims))
     # On the CPU, Q points multiply each call's activations by Q: the data are cut so that one call stays
     # near 1024 example-points, a cache-sized working set (measured: 128 examples x 8 points ran 2.8x
     # faster per point than 1437 x 8). On a GPU the batch stays whole: Q was sized against its memory by a
     # pass over the whole first batch (_auto_points_per_pass); whether larger calls pay there is unmeasured.
-    chunk = max(32, _CPU_EXAMPLE_POINTS_PER_CALL // points.shape[0]) if objective.device.type == "cpu" else None
-    with _training_flags(objective.model, objective.train_mode), autocast:
-        for weight, x, y in objective._weights():
-            step = chunk or x.shape[0]
-            for start in range(0, x.shape[0], step):
-                xs, ys = x[start : start + step], y[start : start + step]
-                out = torch.vmap(objective.forward, in_dims=(param_dims, None, buffer_dims))(stacked, xs, buffers)
-                out = out.to(torch.promote_types(out.dtype, torch.float32))  # bf16 autocast outputs, not float64
-                losses = torch.vmap(objective.loss_fn, in_dims=(0, None))(out, ys)
-                total += (weight * xs.shape[0] / x.shape[0]) * losses.double()
-                if out.ndim == 3 and not ys.is_floating_point():
-                    correct += (out.argmax(dim=-1) == ys).sum(dim=-1)
-    return total, correct
+    rows = max(32, _CPU_EXAMPLE_POINTS_PER_CALL // points.shape[0]) if objective.device.type == "cpu" else None
+    with autocast:
+        for weight, batch in objective.weighted_batches():
+            n = batch_size(batch)
+            pieces = [batch] if rows is None or rows >= n else [take(batch, slice(s, s + rows)) for s in range(0, n, rows)]
+            for piece in pieces:
+                share = 1.0 if len(pieces) == 1 else float(objective.protocol.terms(piece)) / float(objective.protocol.terms(batch))
+                if share == 0:
+                    continue
+                loss, correct, counted = at_points(stacked, piece, buffers)
+                sums[0] += (weight * share) * loss
+                sums[1] += correct
+                sums[2] += counted
+    objective._reduce([sums])
+    accuracy = sums[1] / sums[2]
+    return sums[0], accuracy
 
 
 def evaluate_points(
@@ -204,16 +228,12 @@ def evaluate_points(
     origin = objective.params if origin is None else origin
     pts = torch.as_tensor(points, dtype=objective.dtype, device=objective.device)
     if batched and pts.shape[0] > 1:
-        loss, correct = _evaluate_block(objective, origin, directions, pts, autocast_dtype, buffer_directions)
-        loss, accuracy = loss.cpu().numpy(), correct.cpu().numpy() / objective.n_examples
-    else:
-        with _autocast(objective.device, autocast_dtype):
-            results = [objective.loss_and_accuracy(_point_params(origin, directions, p),
-                                                   _point_buffers(objective, buffer_directions, p)) for p in pts]
-        loss, accuracy = np.array([r[0] for r in results]), np.array([r[1] for r in results])
-    if objective.batches and objective.batches[0][1].is_floating_point():
-        accuracy = np.full_like(accuracy, np.nan)  # no classes to count
-    return loss, accuracy
+        loss, accuracy = _evaluate_block(objective, origin, directions, pts, autocast_dtype, buffer_directions)
+        return loss.cpu().numpy(), accuracy.cpu().numpy()
+    with _autocast(objective.device, autocast_dtype):
+        results = [objective.loss_and_accuracy(_point_params(origin, directions, p),
+                                               _point_buffers(objective, buffer_directions, p)) for p in pts]
+    return np.array([r[0] for r in results]), np.array([r[1] for r in results])
 
 
 def _axis(name: str, steps: object, span: object) -> np.ndarray:
@@ -245,13 +265,23 @@ def _given_directions(objective: Objective, given: object, count: int, name: str
     return [{k: d[k].to(objective.device, objective.dtype) for k in objective.params} for d in given]
 
 
+def _subset(objective: Objective) -> dict[str, Any]:
+    """``{"params": [names]}`` when only some trainable parameters move (``params=``), else nothing (so the
+    recipes of whole-model surfaces stay as they were)."""
+    trainable = [n for n, p in objective.model.named_parameters() if p.requires_grad]
+    return {} if sorted(trainable) == sorted(objective.params) else {"params": sorted(objective.params)}
+
+
 def _data_fingerprint(objective: Objective) -> str:
-    """SHA-256 of the objective's inputs and targets, independent of how they are batched."""
-    inputs, targets = hashlib.sha256(), hashlib.sha256()
-    for x, y in objective.batches:
-        for digest, t in ((inputs, x), (targets, y)):
+    """SHA-256 of the objective's data, independent of how they are batched: one digest per tensor of the
+    batch structure (inputs, then target, for an ``(x, y)`` pair), over every batch in order."""
+    digests: list[Any] = []
+    for batch in objective.source:
+        parts = tensors_of(batch)
+        digests = digests or [hashlib.sha256() for _ in parts]
+        for digest, t in zip(digests, parts):
             digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
-    return hashlib.sha256((inputs.hexdigest() + targets.hexdigest()).encode()).hexdigest()
+    return hashlib.sha256("".join(d.hexdigest() for d in digests).encode()).hexdigest()
 
 
 def _fingerprint(tensors: Sequence[Params]) -> str:
@@ -435,14 +465,14 @@ def _auto_points_per_pass(objective: Objective, directions: list[Params], autoca
     device = objective.device
     if device.type != "cuda":
         return 1
-    x, _ = objective.batches[0]
+    batch = objective.source.first()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     start = torch.cuda.memory_allocated(device)
     probe, dims = _block_params(objective.params, directions, torch.zeros(2, len(directions), dtype=objective.dtype, device=device))
     autocast = _autocast(device, autocast_dtype)
     with torch.no_grad(), _training_flags(objective.model, objective.train_mode), autocast:
-        torch.vmap(objective.forward, in_dims=(dims, None))(probe, x)
+        torch.vmap(_point_values(objective), in_dims=(dims, None, None))(probe, batch, None)
     torch.cuda.synchronize(device)
     per_point = max((torch.cuda.max_memory_allocated(device) - start) / 2, 1)
     free, _ = torch.cuda.mem_get_info(device)
@@ -482,6 +512,7 @@ def slice_1d(
     progress: bool = True,
     distributed: bool = False,
     info: dict[str, Any] | None = None,
+    **objective_options: Any,
 ) -> SurfaceResult:
     """``L(w + alpha d)`` for ``steps`` values of ``alpha`` in ``span`` (Li et al. 2018, Sec. 4).
 
@@ -494,7 +525,8 @@ def slice_1d(
     process of a ``torchrun`` job makes this call and evaluates its share of the points (module docstring).
     """
     coords = [_axis("span", steps, span)]
-    objective = evaluation_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
+    objective = evaluation_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size,
+                                     **objective_options)
     if direction is None:
         direction = random_direction(objective.params, seed=seed, norm=norm, ignore=ignore)
         recipe = {"kind": "random", "seed": seed, "norm": norm, "ignore": ignore}
@@ -502,6 +534,7 @@ def slice_1d(
         [direction] = _given_directions(objective, [direction], 1, "direction")
         recipe = {"kind": "given", "directions_sha256": _fingerprint([direction])}
     recipe["model"] = model_id or _fingerprint([objective.params, objective.buffers])
+    recipe.update(_subset(objective))
     return _compute_surface(objective, [direction], coords, recipe, path=path, batched=batched,
                             points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress,
                             distributed=distributed, info=info)
@@ -530,6 +563,7 @@ def slice_2d(
     progress: bool = True,
     distributed: bool = False,
     info: dict[str, Any] | None = None,
+    **objective_options: Any,
 ) -> SurfaceResult:
     """``L(w + alpha d1 + beta d2)`` on a ``steps[0] x steps[1]`` grid (Li et al. 2018, Sec. 4 and 6).
 
@@ -546,7 +580,8 @@ def slice_2d(
         raise ValueError(f"steps must be (n1, n2) or n, and span ((low1, high1), (low2, high2)) or (low, high); "
                          f"got steps={steps!r}, span={span!r}")
     coords = [_axis("span[0]", steps[0], span[0]), _axis("span[1]", steps[1], span[1])]
-    objective = evaluation_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
+    objective = evaluation_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size,
+                                     **objective_options)
     if directions is None:
         directions = random_plane(objective.params, seed=seed, norm=norm, ignore=ignore, orthogonal=orthogonal)
         recipe = {"kind": "random", "seed": seed, "norm": norm, "ignore": ignore, "orthogonal": orthogonal}
@@ -554,6 +589,7 @@ def slice_2d(
         directions = _given_directions(objective, directions, 2, "directions")
         recipe = {"kind": "given", "directions_sha256": _fingerprint(list(directions))}
     recipe["model"] = model_id or _fingerprint([objective.params, objective.buffers])
+    recipe.update(_subset(objective))
     return _compute_surface(objective, list(directions), coords, recipe, path=path, batched=batched,
                             points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress,
                             distributed=distributed, info=info)
@@ -578,6 +614,7 @@ def interpolate(
     buffers: str = "interpolate",
     distributed: bool = False,
     info: dict[str, Any] | None = None,
+    **objective_options: Any,
 ) -> SurfaceResult:
     """``L(w_a + t (w_b - w_a))`` for ``t`` in ``span`` (Goodfellow et al. 2015; Li et al. 2018, Sec. 3).
 
@@ -591,10 +628,13 @@ def interpolate(
     if buffers not in ("interpolate", "a"):
         raise ValueError(f"buffers must be 'interpolate' or 'a'; got {buffers!r}")
     coords = [_axis("span", steps, span)]
-    objective = evaluation_objective(model_a, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size)
-    other = {name: p.detach().to(objective.device, objective.dtype) for name, p in model_b.named_parameters() if p.requires_grad}
-    if set(other) != set(objective.params):
+    objective = evaluation_objective(model_a, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size,
+                                     **objective_options)
+    theirs = dict(model_b.named_parameters())
+    if set(theirs) != set(objective.params) | set(objective.fixed) or any(
+            theirs[k].shape != t.shape for k, t in objective.params.items()):
         raise ValueError("model_a and model_b must have the same parameters (names and shapes)")
+    other = {name: theirs[name].detach().to(objective.device, objective.dtype) for name in objective.params}
     direction = difference(other, objective.params)
     buffer_directions = None
     fingerprinted = [objective.params, other, objective.buffers]
@@ -607,7 +647,7 @@ def interpolate(
         buffer_directions = [{k: theirs[k].to(objective.dtype) - objective.buffers[k] for k in moving}]
         fingerprinted.append(buffer_directions[0])
     recipe = {"kind": "interpolation", "models": _fingerprint(fingerprinted),
-              "buffers": "interpolate, clamped to [0, 1]" if buffers == "interpolate" else buffers}
+              "buffers": "interpolate, clamped to [0, 1]" if buffers == "interpolate" else buffers, **_subset(objective)}
     return _compute_surface(objective, [direction], coords, recipe, path=path, batched=batched,
                             points_per_pass=points_per_pass, autocast_dtype=autocast_dtype, progress=progress,
                             buffer_directions=buffer_directions, distributed=distributed, info=info)

@@ -234,7 +234,7 @@ def hessian_analysis(
         if distributed.is_main():
             atomic_torch_save(state, partial_path)
 
-    problem = (run.model, F.cross_entropy, objective.batches)  # not read again: the operator is given
+    problem = (run.model, F.cross_entropy, objective.source)  # not read again: the operator is given
     if "eigen" not in state:
         used, began = op.n_matvecs, time.perf_counter()
         eig = hessian.top_eigenvalues(*problem, k=settings.k, which=settings.which, tol=settings.tol,

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from landscape.objective import HessianOperator, NondeterministicObjective, Objective, ParamLayout, as_batches
+from landscape.data import BatchSource
+from landscape.objective import HessianOperator, NondeterministicObjective, Objective, ParamLayout
 
 F64 = torch.float64
 
@@ -149,7 +150,7 @@ def test_frozen_parameters_are_fixed_not_analysed():
     model = small_mlp()
     model[0].bias.requires_grad_(False)
     objective = Objective(model, F.cross_entropy, mlp_data(), dtype=F64)
-    assert "0.bias" not in objective.params and "0.bias" in objective.frozen
+    assert "0.bias" not in objective.params and "0.bias" in objective.fixed
     assert objective.layout.size == sum(p.numel() for p in model.parameters() if p.requires_grad)
     with torch.no_grad():
         expected = F.cross_entropy(model.to(F64)(mlp_data()[0].to(F64)), mlp_data()[1])
@@ -190,9 +191,12 @@ def test_param_layout_round_trip_and_errors():
 
 
 def test_bad_data_is_rejected_with_a_clear_error():
-    with pytest.raises(TypeError, match="DataLoader, an \\(X, y\\) tuple"):
-        as_batches("data.csv", device=torch.device("cpu"))
-    with pytest.raises(ValueError, match="same number of examples"):
-        as_batches((torch.zeros(3, 2), torch.zeros(4)), device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    with pytest.raises(TypeError, match="a DataLoader, a map-style Dataset, an \\(X, y\\) tuple"):
+        BatchSource("data.csv", device=cpu)
+    with pytest.raises(ValueError, match="must share the example dimension; got leading sizes \\[3, 4\\]"):
+        BatchSource((torch.zeros(3, 2), torch.zeros(4)), device=cpu)
     with pytest.raises(ValueError, match="no batches"):
-        as_batches([], device=torch.device("cpu"))
+        BatchSource([], device=cpu)
+    with pytest.raises(ValueError, match="batch 0 must be an \\(inputs, target\\) pair"):
+        Objective(small_mlp(), F.cross_entropy, [torch.zeros(4, 5)])

@@ -37,7 +37,10 @@ INF = math.inf
 
 # ----------------------------------------------------------------------------------------- helpers
 def partition(n: int, m: int, seed: int) -> torch.Tensor:
-    """The documented partition: ``randperm(n)`` from ``Generator().manual_seed(seed)``, cut in rows of m."""
+    """The documented partition: ``randperm(n)`` from ``Generator().manual_seed(seed)``, cut in rows of m;
+    for m = 1 every example is its own chunk, in the order of the data (read batch by batch)."""
+    if m == 1:
+        return torch.arange(n).reshape(n, 1)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[: (n // m) * m].reshape(n // m, m)
 
