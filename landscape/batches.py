@@ -59,6 +59,7 @@ __all__ = [
     "BatchError",
     "BatchProtocol",
     "token_cross_entropy",
+    "causal_lm_cross_entropy",
     "map_tensors",
     "tensors_of",
     "batch_size",
@@ -89,6 +90,20 @@ def token_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     ``cross_entropy`` with ``ignore_index=-100``); for ``[B, V]`` logits it is plain cross-entropy.
     """
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def causal_lm_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy of a causal language model: position ``t``'s logits ``[B, T, V]`` against
+    label ``t + 1`` (``[B, T]``, ``-100`` ignored), in the logits' precision.
+
+    Hugging Face causal LMs compute this loss themselves, in float32 even for a float64 model; with this
+    ``loss_fn`` (and their Mapping batches) a float64 analysis stays float64. Its ``label_shift`` attribute
+    tells the protocol to count and score the labels from the second position on.
+    """
+    return token_cross_entropy(logits[..., :-1, :], labels[..., 1:])
+
+
+causal_lm_cross_entropy.label_shift = 1  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------- batch trees
@@ -312,6 +327,14 @@ class BatchProtocol:
 
     # -- loss terms and accuracy -----------------------------------------------------------------------
 
+    @property
+    def shift(self) -> int:
+        """How many leading label positions the loss skips: the model's (found by :meth:`calibrated`) or the
+        ``label_shift`` attribute of ``loss_fn`` (:func:`causal_lm_cross_entropy`)."""
+        if self.loss_fn is None:
+            return self.label_shift or 0
+        return int(getattr(self.loss_fn, "label_shift", 0))
+
     def terms(self, batch: Any) -> Tensor:
         """``n_b``, the number of loss terms of ``batch``, as a float64 tensor on the batch's device."""
         if self.weight is not None:
@@ -323,8 +346,8 @@ class BatchProtocol:
         if target.ndim == 0:
             raise BatchError("a batch's target is a scalar: its examples cannot be counted; pass weight=")
         if _is_class_index(target):
-            shift = self.label_shift or 0
-            counted = target[..., shift:] if self.loss_fn is None and shift and target.ndim >= 2 else target
+            shift = self.shift
+            counted = target[..., shift:] if shift and target.ndim >= 2 else target
             return (counted != self.ignore_index).sum().double()
         return torch.tensor(float(target.shape[0]), dtype=torch.float64, device=target.device)
 
@@ -338,8 +361,8 @@ class BatchProtocol:
             scores = self.logits(output)
         except BatchError:
             return None
-        shift = self.label_shift or 0
-        if self.loss_fn is None and shift and scores.ndim >= 3 and target.ndim >= 2:
+        shift = self.shift
+        if shift and scores.ndim >= 3 and target.ndim >= 2:
             scores, target = scores[..., :-shift, :], target[..., shift:]
         if scores.ndim == target.ndim + 1 and scores.shape[:-1] == target.shape:
             predicted = scores.argmax(dim=-1)

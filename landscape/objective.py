@@ -159,12 +159,42 @@ def _training_flags(model: nn.Module, training: bool) -> Iterator[None]:
             m.training = flag
 
 
-def _second_order() -> contextlib.AbstractContextManager:
-    """Attention through the math kernel: the fused ones have no second derivatives (no double backward,
-    no forward-mode AD), the math one is built from differentiable operations."""
+class _ExactLayerNorm(torch.overrides.TorchFunctionMode):
+    """``layer_norm`` computed from its definition (mean, variance, rsqrt) instead of PyTorch's fused kernel.
+
+    The fused kernel's second derivatives are wrong (PyTorch 2.13-2.14, double backward and forward-over-
+    reverse alike; pytorch/pytorch#196700): the Hessian of ``sum(LayerNorm(x W) * ...)`` comes out
+    asymmetric, by 0.7 on a 36-parameter example (``tests/landscape/test_objective.py``). Its first
+    derivatives are right, so the kernel is replaced only while second derivatives are taken.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in (torch.nn.functional.layer_norm, torch.layer_norm):
+            return _layer_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
+                bias: Tensor | None = None, eps: float = 1e-5, *_: Any) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last ``len(normalized_shape)`` axes."""
+    axes = tuple(range(-len(tuple(normalized_shape)), 0))
+    centred = input - input.mean(axes, keepdim=True)
+    out = centred * torch.rsqrt(centred.square().mean(axes, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    return out + bias if bias is not None else out
+
+
+@contextlib.contextmanager
+def _second_order() -> Iterator[None]:
+    """What exact second derivatives need: attention through the math kernel (the fused ones have neither
+    double backward nor forward-mode AD; the math one is built from differentiable operations) and
+    layer norm from its definition (:class:`_ExactLayerNorm`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.MATH])
+    with sdpa_kernel([SDPBackend.MATH]), _ExactLayerNorm():
+        yield
 
 
 class _Caller(nn.Module):

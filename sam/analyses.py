@@ -20,6 +20,8 @@ function; the data or the grid points are split across them and rank 0 alone wri
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import math
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -29,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from landscape import distributed, hessian, surface
 from landscape._results import result_paths, save_results
@@ -48,7 +49,8 @@ from landscape.storage import (
 )
 
 from ._checks import at_least, one_of
-from .trainer import LoadedRun, load_run, resolve_device
+from .subjects import Subject, run_subject
+from .trainer import resolve_device
 
 __all__ = [
     "Inputs",
@@ -68,21 +70,48 @@ SPLITS = ("train", "test")
 
 @dataclass(frozen=True)
 class Inputs:
-    """Which data of a run an analysis uses, and how it evaluates them."""
+    """Which data an analysis uses, which parameters it moves, and how it evaluates them.
+
+    ``params``: names or shell-style patterns (``"classifier.*"``) of the parameters to analyse (default:
+    every trainable one). ``stream``: read the data again on every pass, one batch on the device at a
+    time (default: when they exceed ``memory_budget`` bytes; :mod:`landscape.data`).
+    """
 
     split: str = "train"
     batch_size: int = 2048
     dtype: str = "float32"
     device: str = "auto"
+    params: tuple[str, ...] | None = None
+    stream: bool | None = None
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         one_of("split", self.split, SPLITS)
         one_of("dtype", self.dtype, DTYPES)
         at_least("batch_size", self.batch_size, 1)
+        if self.params is not None and not self.params:
+            raise ValueError("params, when given, must name at least one parameter or pattern")
+        if self.memory_budget is not None:
+            at_least("memory_budget", self.memory_budget, 1)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def objective_options(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~landscape.objective.Objective` these inputs set."""
+        patterns = self.params
+
+        def chosen(name: str) -> bool:
+            return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns or ())
+
+        return {"batch_size": self.batch_size, "params": chosen if patterns is not None else None,
+                "stream": self.stream, "memory_budget": self.memory_budget}
+
+    def recipe(self) -> dict[str, Any]:
+        """What of these inputs changes the numbers (not whether the data are streamed, nor the budget)."""
+        return {"split": self.split, "batch_size": self.batch_size, "dtype": self.dtype,
+                "params": list(self.params) if self.params is not None else None}
 
 
 @dataclass(frozen=True)
@@ -174,7 +203,7 @@ class SurfaceAnalysis:
 
 
 def hessian_analysis(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Subject,
     settings: HessianSettings = HessianSettings(),
     inputs: Inputs = Inputs(),
     out_dir: str | Path | None = None,
@@ -189,10 +218,11 @@ def hessian_analysis(
     (eigenpairs, trace, every SLQ run) is saved in ``hessian.partial.pt`` when it finishes.
 
     Args:
-        checkpoint: a run directory, or a weights file inside one.
+        checkpoint: a run directory, or a weights file inside one, or a :class:`~sam.subjects.Subject`
+            (a user's own model and data).
         settings: what to compute.
-        inputs: split, batch size, dtype and device.
-        out_dir: where to write.
+        inputs: split, batch size, dtype, device, parameters, streaming.
+        out_dir: where to write (default: the run directory; required for a model without one).
         overwrite: replace finished or interrupted results.
         resume: continue an interrupted analysis with the same settings (a finished one is returned as
             it is).
@@ -204,13 +234,12 @@ def hessian_analysis(
         ValueError: ``resume`` was given and the saved results were made with other settings.
     """
     device = resolve_device(inputs.device)
-    run = load_run(checkpoint, device=device)
-    out = Path(out_dir) if out_dir is not None else run.run_dir
+    subject = as_subject(checkpoint, device)
+    out = _output_directory(subject, out_dir)
     json_path, npz_path = result_paths(out, "hessian")
     partial_path = out / "hessian.partial.pt"
-    split = run.train if inputs.split == "train" else run.test
-    recipe = {**dataclasses.asdict(settings), **dataclasses.asdict(inputs), "device": str(device),
-              "checkpoint_sha256": run.checkpoint_sha256, "processes": distributed.world_size()}
+    recipe = {**dataclasses.asdict(settings), **inputs.recipe(), "device": str(device),
+              "checkpoint_sha256": subject.identity, "processes": distributed.world_size()}
     if distributed.is_main():
         remove_stale_temporaries(out)
     finished = _finished_hessian(json_path, npz_path, partial_path, recipe, overwrite=overwrite, resume=resume)
@@ -219,10 +248,9 @@ def hessian_analysis(
     state = _hessian_state(partial_path, recipe, overwrite=overwrite, resume=resume)
 
     # Under torchrun each process holds a contiguous shard; one product is one all_reduce over them.
-    mine = distributed.shard(len(split))
-    objective = Objective(run.model, F.cross_entropy, (split.x[mine], split.y[mine]), device=device,
-                          dtype=inputs.torch_dtype, batch_size=inputs.batch_size, distributed=True,
-                          hvp_method=state.get("hvp_method", "auto"))
+    objective = Objective(subject.model, subject.loss_fn, subject.data(inputs.split, shard=True), device=device,
+                          dtype=inputs.torch_dtype, distributed=True, hvp_method=state.get("hvp_method", "auto"),
+                          **inputs.objective_options())
     state["hvp_method"] = objective.hvp_method  # a resumed run takes the same products
     op = objective.hessian_operator()
     show = progress and distributed.is_main()
@@ -234,7 +262,7 @@ def hessian_analysis(
         if distributed.is_main():
             atomic_torch_save(state, partial_path)
 
-    problem = (run.model, F.cross_entropy, objective.source)  # not read again: the operator is given
+    problem = (subject.model, subject.loss_fn, objective.source)  # not read again: the operator is given
     if "eigen" not in state:
         used, began = op.n_matvecs, time.perf_counter()
         eig = hessian.top_eigenvalues(*problem, k=settings.k, which=settings.which, tol=settings.tol,
@@ -264,7 +292,7 @@ def hessian_analysis(
             bar.update(1)
         bar.close()
 
-    scalars, arrays = _hessian_results(state, settings, inputs, run, objective, op.shape[0], recipe)
+    scalars, arrays = _hessian_results(state, settings, inputs, subject, objective, op.shape[0], recipe)
     if not distributed.is_main():
         return Saved(json_path, npz_path, scalars, arrays)
     save_results(out, "hessian", scalars, arrays, overwrite=True)  # what was there was checked above
@@ -343,15 +371,15 @@ def _hessian_state(partial_path: Path, recipe: dict[str, Any], *, overwrite: boo
     return _decided_on_main(decide)
 
 
-def _hessian_results(state: dict[str, Any], settings: HessianSettings, inputs: Inputs, run: LoadedRun,
+def _hessian_results(state: dict[str, Any], settings: HessianSettings, inputs: Inputs, subject: Subject,
                      objective: Objective, n_parameters: int, recipe: dict[str, Any]
                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``hessian.json``'s scalars and ``hessian.npz``'s arrays from the finished stages."""
     eigen = state["eigen"]
     values = eigen["eigenvalues"].tolist()
     scalars: dict[str, Any] = {
-        "checkpoint": str(run.checkpoint), "checkpoint_sha256": run.checkpoint_sha256, "split": inputs.split,
-        "n_examples": objective.n_examples, "n_parameters": n_parameters, "dtype": inputs.dtype,
+        "checkpoint": subject.source, "checkpoint_sha256": subject.identity, "split": inputs.split,
+        "n_examples": objective.n_examples, "n_loss_terms": objective.n_terms, "n_parameters": n_parameters, "dtype": inputs.dtype,
         "device": recipe["device"], "hvp_method": state["hvp_method"], "seed": settings.seed,
         "eigen": eigen["summary"], "processes": distributed.world_size(), "lambda_max": values[0], "recipe": recipe,
     }
@@ -385,7 +413,7 @@ def _slq_run(saved: dict[str, Any], dim: int) -> Any:
 
 
 def sharpness_analysis(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Subject,
     measures: MeasureSettings = MeasureSettings(),
     inputs: Inputs = Inputs(),
     out_dir: str | Path | None = None,
@@ -400,22 +428,23 @@ def sharpness_analysis(
         FileExistsError: ``sharpness.json`` exists and ``overwrite`` is False.
     """
     device = resolve_device(inputs.device)
-    run = load_run(checkpoint, device=device)
-    out = Path(out_dir) if out_dir is not None else run.run_dir
+    subject = as_subject(checkpoint, device)
+    out = _output_directory(subject, out_dir)
     json_path, npz_path = result_paths(out, "sharpness")
     remove_stale_temporaries(out)
     if json_path.exists() and not overwrite:
         raise FileExistsError(f"{json_path} already exists; pass --overwrite to replace it")
-    split = run.train if inputs.split == "train" else run.test
     start = time.perf_counter()
-    objective = sharpness_objective(run.model, F.cross_entropy, (split.x, split.y), dtype=inputs.torch_dtype,
-                                    device=device, batch_size=inputs.batch_size)
+    objective = sharpness_objective(subject.model, subject.loss_fn, subject.data(inputs.split),
+                                    dtype=inputs.torch_dtype, device=device, **inputs.objective_options())
     loss, accuracy = objective.loss_and_accuracy()
     result = measure_all(objective, measures, progress=progress)
     per_chunk = result.pop("per_chunk")
-    scalars = {"checkpoint": str(run.checkpoint), "checkpoint_sha256": run.checkpoint_sha256, "split": inputs.split,
-               "n_examples": objective.n_examples, "dtype": inputs.dtype, "device": str(device), "loss": loss,
-               "accuracy": accuracy, **result, "seconds": time.perf_counter() - start}
+    scalars = {"checkpoint": subject.source, "checkpoint_sha256": subject.identity, "split": inputs.split,
+               "n_examples": objective.n_examples, "n_loss_terms": objective.n_terms, "dtype": inputs.dtype,
+               "device": str(device), "params": inputs.recipe()["params"], "loss": loss,
+               "accuracy": accuracy if math.isfinite(accuracy) else None, **result,
+               "seconds": time.perf_counter() - start}
     save_results(out, "sharpness", scalars, per_chunk, overwrite=overwrite)
     return Saved(json_path, npz_path, scalars, per_chunk)
 
@@ -438,13 +467,13 @@ def surface_file_name(settings: SurfaceSettings, split: str, interpolation: bool
 
 
 def surface_analysis(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Subject,
     settings: SurfaceSettings = SurfaceSettings(),
     inputs: Inputs = Inputs(),
     out_dir: str | Path | None = None,
     *,
-    compare: Sequence[str | Path] = (),
-    interpolate: str | Path | None = None,
+    compare: Sequence[str | Path | Subject] = (),
+    interpolate: str | Path | Subject | None = None,
     overwrite: bool = False,
     plot: bool = False,
     progress: bool = True,
@@ -468,19 +497,19 @@ def surface_analysis(
     device = resolve_device(inputs.device)
     main_process = distributed.is_main()
     progress = progress and main_process
-    dtype = inputs.torch_dtype
     common = dict(points_per_pass=settings.points_per_pass, autocast_dtype=torch.bfloat16 if settings.bf16 else None,
-                  dtype=dtype, device=device, batch_size=inputs.batch_size, progress=progress, distributed=True)
-    runs = [load_run(checkpoint, device=device), *(load_run(c, device=device) for c in compare)]
-    other = load_run(interpolate, device=device) if interpolate is not None else None
+                  dtype=inputs.torch_dtype, device=device, progress=progress, distributed=True,
+                  **inputs.objective_options())
+    subjects = [as_subject(checkpoint, device), *(as_subject(c, device) for c in compare)]
+    other = as_subject(interpolate, device) if interpolate is not None else None
     name = surface_file_name(settings, inputs.split, interpolate is not None)
-    labels = [run.run_dir.name for run in runs]
+    labels = [subject.name for subject in subjects]
     if len(set(labels)) < len(labels):  # --compare a/seed0 b/seed0 --out DIR: keep the two apart
         labels = [f"{i}-{label}" for i, label in enumerate(labels)]
     analysis = SurfaceAnalysis({}, {})
-    for run, label in zip(runs, labels):
-        out = Path(out_dir) if out_dir is not None else run.run_dir
-        if out_dir is not None and len(runs) > 1:
+    for subject, label in zip(subjects, labels):
+        out = _output_directory(subject, out_dir)
+        if out_dir is not None and len(subjects) > 1:
             out = out / label
         path = out / name
         if main_process:
@@ -489,10 +518,8 @@ def surface_analysis(
                 for suffix in (".npz", ".json", ".directions.pt"):
                     path.with_suffix(suffix).unlink(missing_ok=True)
         distributed.barrier()
-        split = run.train if inputs.split == "train" else run.test
-        data = (split.x, split.y)
         try:
-            result = _one_surface(run, other, data, settings, path, common, log)
+            result = _one_surface(subject, other, inputs.split, settings, path, common, log)
         except surface.RecipeMismatchError as error:
             raise ValueError(f"{error.path} holds a surface with a different recipe (differs in {error.differing}); "
                              "pass --overwrite to compute it again, or --out DIR to write elsewhere") from None
@@ -500,49 +527,51 @@ def surface_analysis(
         if main_process:
             what = (f"computed {result.computed} of {result.loss.size} points" if result.computed
                     else f"all {result.loss.size} points were already computed")
-            log(f"{run.run_dir}: loss {np.nanmin(result.loss):.4g} to {np.nanmax(result.loss):.4g}; {what}; "
-                f"{path.with_suffix('.npz')}")
+            log(f"{subject.home or subject.source}: loss {np.nanmin(result.loss):.4g} to {np.nanmax(result.loss):.4g}; "
+                f"{what}; {path.with_suffix('.npz')}")
     if plot and main_process:
-        where = Path(out_dir) if out_dir is not None else runs[0].run_dir
-        other_label = other.run_dir.name if other is not None else None
+        where = _output_directory(subjects[0], out_dir)
+        other_label = other.name if other is not None else None
         # named after what they show, so that A --compare B and A --compare C keep their own figures
         shown = [*labels, other_label] if other_label else labels
         stem = where / (name if len(shown) == 1 else f"{name}_{'_vs_'.join(shown)}")
         from landscape.plot import write_surface_report
 
+        remove_stale_temporaries(where)
         analysis.figures = write_surface_report(analysis.results, stem, split=inputs.split, other=other_label)
     return analysis
 
 
-def _one_surface(run: LoadedRun, other: LoadedRun | None, data: Any, settings: SurfaceSettings, path: Path,
+def _one_surface(subject: Subject, other: Subject | None, split: str, settings: SurfaceSettings, path: Path,
                  common: dict[str, Any], log: Callable[[str], None]) -> surface.SurfaceResult:
     span = tuple(settings.span)
+    data = subject.data(split)
+    model, loss_fn = subject.model, subject.loss_fn
     if other is not None:
-        return surface.interpolate(run.model, other.model, F.cross_entropy, data, steps=settings.steps, span=span,
-                                   path=path, buffers=settings.interpolate_buffers, **common)
+        return surface.interpolate(model, other.model, loss_fn, data, steps=settings.steps, span=span, path=path,
+                                   buffers=settings.interpolate_buffers, **common)
     if settings.directions != "random":
-        given, info = _given_surface_directions(settings, run, data, common, path)
+        given, info = _given_surface_directions(settings, subject, split, common, path)
         path_coords = [c for point in info.get("coordinates", []) for c in point]
         if distributed.is_main() and path_coords and not span[0] <= min(path_coords) <= max(path_coords) <= span[1]:
             log(f"note: the training path spans {min(path_coords):.3g} to {max(path_coords):.3g} along the PCA "
                 f"directions, beyond --span {span[0]:g} {span[1]:g}; widen --span to draw all of it")
         if settings.dim == 1:
-            return surface.slice_1d(run.model, F.cross_entropy, data, given[0], steps=settings.steps, span=span,
-                                    path=path, model_id=run.checkpoint_sha256, info={settings.directions: info},
-                                    **common)
-        return surface.slice_2d(run.model, F.cross_entropy, data, tuple(given), steps=(settings.steps, settings.steps),
-                                span=(span, span), path=path, model_id=run.checkpoint_sha256,
+            return surface.slice_1d(model, loss_fn, data, given[0], steps=settings.steps, span=span, path=path,
+                                    model_id=subject.identity, info={settings.directions: info}, **common)
+        return surface.slice_2d(model, loss_fn, data, tuple(given), steps=(settings.steps, settings.steps),
+                                span=(span, span), path=path, model_id=subject.identity,
                                 info={settings.directions: info}, **common)
     if settings.dim == 1:
-        return surface.slice_1d(run.model, F.cross_entropy, data, steps=settings.steps, span=span, seed=settings.seed,
-                                norm=settings.norm, ignore=settings.ignore, path=path, model_id=run.checkpoint_sha256,
+        return surface.slice_1d(model, loss_fn, data, steps=settings.steps, span=span, seed=settings.seed,
+                                norm=settings.norm, ignore=settings.ignore, path=path, model_id=subject.identity,
                                 **common)
-    return surface.slice_2d(run.model, F.cross_entropy, data, steps=(settings.steps, settings.steps), span=(span, span),
+    return surface.slice_2d(model, loss_fn, data, steps=(settings.steps, settings.steps), span=(span, span),
                             seed=settings.seed, norm=settings.norm, ignore=settings.ignore,
-                            orthogonal=settings.orthogonal, path=path, model_id=run.checkpoint_sha256, **common)
+                            orthogonal=settings.orthogonal, path=path, model_id=subject.identity, **common)
 
 
-def _given_surface_directions(settings: SurfaceSettings, run: LoadedRun, data: Any, common: dict[str, Any],
+def _given_surface_directions(settings: SurfaceSettings, subject: Subject, split: str, common: dict[str, Any],
                               path: Path) -> tuple[list, dict]:
     """Hessian or PCA directions and what to save about them, computed once per surface file.
 
@@ -553,40 +582,45 @@ def _given_surface_directions(settings: SurfaceSettings, run: LoadedRun, data: A
     dtype, device = common["dtype"], common["device"]
     store = path.with_suffix(".directions.pt")
     settings_key = {"directions": settings.directions, "dim": settings.dim, "seed": settings.seed,
-                    "dtype": str(dtype).removeprefix("torch."), "checkpoint_sha256": run.checkpoint_sha256,
-                    "n_examples": len(data[0])}
-    saved = None
-    if distributed.is_main() and store.exists() and path.with_suffix(".npz").exists():
+                    "dtype": str(dtype).removeprefix("torch."), "checkpoint_sha256": subject.identity, "split": split}
+
+    def saved_directions() -> dict[str, Any] | None:
+        if not (store.exists() and path.with_suffix(".npz").exists()):
+            return None
         saved = load_weights(store)
-        if not isinstance(saved, dict) or saved.get("settings") != settings_key:  # the recipe check names what differs
-            saved = None
-    saved = distributed.broadcast_object(saved)  # rank 0 decides: the other ranks may not see its files
+        return saved if isinstance(saved, dict) and saved.get("settings") == settings_key else None  # else: recompute
+
+    saved = _decided_on_main(saved_directions)  # rank 0 decides: the other ranks may not see its files
     if saved is not None:
         return [{k: v.to(device, dtype) for k, v in d.items()} for d in saved["directions"]], saved["info"]
-    given, info = _surface_directions(settings, run, data, common)
+    given, info = _surface_directions(settings, subject, split, common)
     if distributed.is_main() and not path.with_suffix(".npz").exists():
         atomic_torch_save({"directions": [dict(d) for d in given], "info": info, "settings": settings_key}, store)
     distributed.barrier()
     return list(given), info
 
 
-def _surface_directions(settings: SurfaceSettings, run: LoadedRun, data: Any, common: dict[str, Any]
+def _surface_directions(settings: SurfaceSettings, subject: Subject, split: str, common: dict[str, Any]
                         ) -> tuple[Any, dict]:
     """The directions for ``directions="hessian"`` or ``"pca"``, and what the JSON records about them."""
     from landscape import directions as dirs
 
     dtype, device = common["dtype"], common["device"]
+    options = {k: common[k] for k in ("batch_size", "params", "stream", "memory_budget")}
     if settings.directions == "hessian":
-        mine = distributed.shard(len(data[0]))
-        eig = hessian.top_eigenvalues(run.model, F.cross_entropy, (data[0][mine], data[1][mine]), k=settings.dim,
-                                      seed=settings.seed, dtype=dtype, device=device, batch_size=common["batch_size"],
-                                      progress=common["progress"], distributed=True)
+        eig = hessian.top_eigenvalues(subject.model, subject.loss_fn, subject.data(split, shard=True), k=settings.dim,
+                                      seed=settings.seed, dtype=dtype, device=device, progress=common["progress"],
+                                      distributed=True, **options)
         return dirs.eigenvector_directions(eig.eigenvectors), {"eigenvalues": eig.eigenvalues.tolist()}
-    snapshots = sorted((run.run_dir / "snapshots").glob("epoch_*.pt"))
+    if subject.snapshots is None:
+        raise ValueError("--directions pca needs the weight snapshots of a training run (train --snapshot-every N); "
+                         f"{subject.source} is not a run")
+    snapshots = sorted(subject.snapshots.glob("epoch_*.pt"))
     if len(snapshots) < settings.dim + 1:
         raise ValueError(f"--directions pca needs at least {settings.dim + 1} weight snapshots in "
-                         f"{run.run_dir / 'snapshots'} (train with --snapshot-every N); found {len(snapshots)}")
-    names = [n for n, p in run.model.named_parameters() if p.requires_grad]
+                         f"{subject.snapshots} (train with --snapshot-every N); found {len(snapshots)}")
+    names = list(Objective(subject.model, subject.loss_fn, subject.data(split), dtype=dtype, device=device,
+                           check=False, hvp_method="double_backward", **options).params)
 
     def load(path: Path) -> dict:  # memory-mapped on the CPU: pca_directions moves one block at a time
         state = load_weights(path, mmap=True)
@@ -595,8 +629,24 @@ def _surface_directions(settings: SurfaceSettings, run: LoadedRun, data: Any, co
             raise ValueError(f"{path} does not hold the model's parameters (missing {missing[:3]})")
         return {n: state[n] for n in names}
 
-    final = {n: p.detach().to(device, dtype) for n, p in run.model.named_parameters() if p.requires_grad}
+    final = {n: p.detach().to(device, dtype) for n, p in subject.model.named_parameters() if n in names}
     pca = dirs.pca_directions([load(p) for p in snapshots], final, n_components=settings.dim)
     trajectory = {"snapshots": [p.name for p in snapshots], "coordinates": pca.coordinates.tolist(),
                   "explained_variance_ratio": pca.explained_variance_ratio.tolist()}
     return pca.directions, trajectory
+
+
+# ------------------------------------------------------------------------------------------- subjects
+
+
+def as_subject(run: str | Path | Subject, device: torch.device) -> Subject:
+    """``run`` itself if it is a :class:`~sam.subjects.Subject`, else the saved run at that path."""
+    return run if isinstance(run, Subject) else run_subject(run, device=device)
+
+
+def _output_directory(subject: Subject, out_dir: str | Path | None) -> Path:
+    if out_dir is not None:
+        return Path(out_dir)
+    if subject.home is None:
+        raise ValueError(f"{subject.source} is not a run directory: say where the results go with --out DIR")
+    return subject.home

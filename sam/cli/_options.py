@@ -14,12 +14,13 @@ from typing import Any, NoReturn
 from landscape.sharpness import MEASURES, MeasureSettings
 
 from ..analyses import Inputs
+from ..subjects import Subject, callable_subject
 from ..compare import CompareConfig
 from ..data import DATASET_NAMES
 from ..models import available_models
 from ..optim import BASE_OPTIMIZERS, available_optimizers
 from ..presets import preset_config
-from ..trainer import AMP_MODES, SCHEDULES, TrainConfig
+from ..trainer import AMP_MODES, SCHEDULES, TrainConfig, resolve_device
 
 PROG = "sam-landscape"
 EXIT_USAGE = 2
@@ -193,8 +194,27 @@ def resolve_train_config(args: argparse.Namespace, defaults: TrainConfig | None 
 
 def add_analysis_flags(parser: argparse.ArgumentParser, name: str, *, batch_help: str = "examples per forward pass",
                        seed_help: str = "seed of the random vectors") -> None:
-    """The flags of the analysis commands: which data, how evaluated, where written."""
-    parser.add_argument("checkpoint", type=Path, help="run directory, or a model.pt / snapshot inside one")
+    """The flags of the analysis commands: which model and data, how evaluated, where written."""
+    parser.add_argument("checkpoint", type=Path, nargs="?", default=None,
+                        help="run directory, or a model.pt / snapshot inside one (or give --model and --data)")
+    parser.add_argument("--model", default=None, metavar="MODULE:CALLABLE",
+                        help="your own model instead of a run: a callable returning it, weights loaded "
+                        "(mypkg.models:build, or models.py:build); needs --data and --out")
+    parser.add_argument("--data", default=None, metavar="MODULE:CALLABLE",
+                        help="with --model: a callable returning a DataLoader, a Dataset, tensors or a list of batches "
+                        "(called with split='train' or 'test' when it takes a split argument)")
+    parser.add_argument("--loss", default="cross_entropy", metavar="NAME",
+                        help="with --model: cross_entropy, token_cross_entropy (logits [B, T, V], -100 ignored), "
+                        "causal_lm (next-token), model (the model's own loss, Hugging Face style) or MODULE:CALLABLE")
+    parser.add_argument("--params", nargs="+", default=None, metavar="NAME",
+                        help="analyse these parameters only: names or patterns such as 'classifier.*' (default: every "
+                        "trainable one)")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                        help="read the data again on every pass, one batch on the device at a time (default: when they "
+                        "exceed --memory-budget)")
+    parser.add_argument("--memory-budget", type=float, default=None, metavar="GB",
+                        help="gigabytes the data may take on the device before they are streamed (default: a quarter of "
+                        "its memory)")
     parser.add_argument("--split", choices=["train", "test"], default="train", help="data split to analyse")
     parser.add_argument("--batch-size", type=positive_int, default=2048, help=batch_help)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="precision of the analysis")
@@ -207,7 +227,29 @@ def add_analysis_flags(parser: argparse.ArgumentParser, name: str, *, batch_help
 
 
 def analysis_inputs(args: argparse.Namespace) -> Inputs:
-    return Inputs(split=args.split, batch_size=args.batch_size, dtype=args.dtype, device=args.device)
+    if args.memory_budget is not None and not args.memory_budget > 0:
+        raise ValueError(f"--memory-budget takes a number of gigabytes > 0; got {args.memory_budget}")
+    budget = int(args.memory_budget * 2**30) if args.memory_budget is not None else None
+    return Inputs(split=args.split, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+                  params=tuple(args.params) if args.params is not None else None, stream=args.stream,
+                  memory_budget=budget)
+
+
+def analysis_subject(args: argparse.Namespace) -> Path | Subject:
+    """The run directory (or checkpoint) of an analysis command, or the model and data of ``--model``/``--data``."""
+    if args.model is None:
+        if args.data is not None or args.loss != "cross_entropy":
+            raise ValueError("--data and --loss go with --model (your own model); a run brings its own data and loss")
+        if args.checkpoint is None:
+            raise ValueError("give a run directory (or a checkpoint inside one), or --model and --data")
+        return args.checkpoint
+    if args.checkpoint is not None:
+        raise ValueError(f"give either a run ({args.checkpoint}) or --model, not both")
+    if args.data is None:
+        raise ValueError("--model needs --data MODULE:CALLABLE, the data to analyse it on")
+    if args.out is None:
+        raise ValueError("--model has no run directory to write into: pass --out DIR")
+    return callable_subject(args.model, args.data, args.loss, device=resolve_device(args.device))
 
 
 def add_measure_flags(parser: argparse.ArgumentParser, defaults: MeasureSettings = MeasureSettings()) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from landscape import distributed
 
 from ..analyses import HessianSettings, hessian_analysis
-from ._options import add_analysis_flags, add_command, analysis_inputs, positive_int
+from ._options import add_analysis_flags, add_command, analysis_inputs, analysis_subject, positive_int
 
 NAME = "hessian"
 
@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
                                max_matvecs=args.max_matvecs, trace=args.trace, trace_method=args.trace_method,
                                trace_matvecs=args.trace_matvecs, density=args.density, density_runs=args.density_runs,
                                density_steps=args.density_steps, seed=args.seed)
-    saved = hessian_analysis(args.checkpoint, settings, analysis_inputs(args), args.out, overwrite=args.overwrite,
-                             resume=args.resume, progress=args.progress)
+    saved = hessian_analysis(analysis_subject(args), settings, analysis_inputs(args), args.out,
+                             overwrite=args.overwrite, resume=args.resume, progress=args.progress)
     if not distributed.is_main():
         return 0
     scalars = saved.scalars

@@ -8,7 +8,7 @@ from typing import Any
 from landscape.sharpness import measure_columns
 
 from ..analyses import sharpness_analysis
-from ._options import add_analysis_flags, add_command, add_measure_flags, analysis_inputs, measure_settings
+from ._options import add_analysis_flags, add_command, add_measure_flags, analysis_inputs, analysis_subject, measure_settings
 
 NAME = "sharpness"
 
@@ -29,8 +29,8 @@ def register(commands: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     settings = measure_settings(args)
-    saved = sharpness_analysis(args.checkpoint, settings, analysis_inputs(args), args.out, overwrite=args.overwrite,
-                               progress=args.progress)
+    saved = sharpness_analysis(analysis_subject(args), settings, analysis_inputs(args), args.out,
+                               overwrite=args.overwrite, progress=args.progress)
     for name, value in measure_columns(saved.scalars).items():
         print(f"{name:<24} {value:.6g}")
     print(f"wrote {saved.json_path} and {saved.npz_path}")

@@ -10,7 +10,7 @@ from typing import Any
 from landscape import distributed
 
 from ..analyses import SurfaceSettings, surface_analysis
-from ._options import add_analysis_flags, add_command, analysis_inputs, positive_int
+from ._options import add_analysis_flags, add_command, analysis_inputs, analysis_subject, positive_int
 
 NAME = "surface"
 
@@ -66,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
     def note(line: str) -> None:
         print(line, file=sys.stderr if line.startswith("note:") else sys.stdout)
 
-    analysis = surface_analysis(args.checkpoint, settings, analysis_inputs(args), args.out,
+    subject = analysis_subject(args)
+    if not isinstance(subject, Path) and (args.compare is not None or args.interpolate is not None):
+        raise ValueError("--compare and --interpolate take runs; with --model, analyse the one model")
+    analysis = surface_analysis(subject, settings, analysis_inputs(args), args.out,
                                 compare=[args.compare] if args.compare is not None else [],
                                 interpolate=args.interpolate, overwrite=args.overwrite, plot=args.plot,
                                 progress=args.progress, log=note)

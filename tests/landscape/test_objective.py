@@ -200,3 +200,25 @@ def test_bad_data_is_rejected_with_a_clear_error():
         BatchSource([], device=cpu)
     with pytest.raises(ValueError, match="batch 0 must be an \\(inputs, target\\) pair"):
         Objective(small_mlp(), F.cross_entropy, [torch.zeros(4, 5)])
+
+
+@pytest.mark.parametrize("method", ["graph", "jvp", "double_backward"])
+def test_layer_norm_second_derivatives_are_exact_although_pytorchs_kernel_gets_them_wrong(method):
+    """PyTorch's fused layer_norm has wrong second derivatives (pytorch/pytorch#196700); the products here take
+    them from its definition. Reference: central differences of exact first derivatives."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(6, 4, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
+    objective = Objective(model, F.cross_entropy, (X, y), hvp_method=method)
+    n = objective.layout.size
+    basis = torch.eye(n, dtype=F64)
+    hessian = torch.stack([objective.hessian_operator().matvec(e) for e in basis], dim=1)
+    flat = objective.layout.flatten(objective.params)
+
+    def gradient(point):
+        return objective.layout.flatten(objective.gradient(objective.layout.unflatten(point)))
+
+    differences = torch.stack([(gradient(flat + 1e-5 * e) - gradient(flat - 1e-5 * e)) / 2e-5 for e in basis], dim=1)
+    torch.testing.assert_close(hessian, hessian.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(hessian, differences, rtol=1e-7, atol=1e-7)
