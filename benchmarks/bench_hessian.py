@@ -389,7 +389,7 @@ def main() -> None:
         "epochs": run.config.epochs,
         "parameters": objective.layout.size,
         "train_examples": objective.n_examples,
-        "batches": len(objective.batches),
+        "batches": objective.n_batches,
         "train_loss": train_loss,
         "train_acc": train_acc,
         "hvp_method_auto": objective.hvp_method,
@@ -479,7 +479,7 @@ def main() -> None:
 
     # HVP cost against one gradient.
     hvp_rows = bench_hvp(args, objective, model, criterion, X, y, counter)
-    print(f"\nFull-dataset cost ({objective.n_examples} examples, {len(objective.batches)} batch(es); "
+    print(f"\nFull-dataset cost ({objective.n_examples} examples, {objective.n_batches} batch(es); "
           f"median of {args.hvp_rounds}, interleaved)")
     print(f"{'step':<38}{'median s':>10}{'x gradient':>12}")
     for row in hvp_rows:

@@ -83,6 +83,18 @@ def frozen_running_stats(module: nn.Module, enabled: bool = True) -> Iterator[No
             m.track_running_stats = True
 
 
+def _unlinked(optimizer: Any, key: str, name: str) -> Any:
+    """What ``torch.optim.Optimizer.__init__`` stored before the wrapper is linked to its base optimizer.
+
+    An AttributeError (not a KeyError) where there is none, so that wrappers which proxy attributes
+    through ``__getattr__`` (Lightning's ``LightningOptimizer`` subclasses our class) reach the real one.
+    """
+    try:
+        return optimizer.__dict__[key]
+    except KeyError:
+        raise AttributeError(f"{type(optimizer).__name__} has no {name} of its own") from None
+
+
 @dataclass
 class _Active:
     """The parameters perturbed in the current step and their per-tensor settings."""
@@ -178,7 +190,7 @@ class SAM(torch.optim.Optimizer):
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         if self.__dict__.get("_linked"):
             return self.base_optimizer.param_groups
-        return self.__dict__["_init_param_groups"]
+        return _unlinked(self, "_init_param_groups", "param_groups")
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
@@ -191,7 +203,7 @@ class SAM(torch.optim.Optimizer):
     def state(self) -> dict[Tensor, Any]:  # type: ignore[override]
         if self.__dict__.get("_linked"):
             return self.base_optimizer.state
-        return self.__dict__["_init_state"]
+        return _unlinked(self, "_init_state", "state")
 
     @state.setter
     def state(self, value: dict[Tensor, Any]) -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from landscape import hessian, surface
+from landscape.batches import token_cross_entropy
 from landscape.objective import Objective
 from sam import distributed
 from tests._processes import run_processes
@@ -36,6 +37,27 @@ def _model() -> nn.Module:
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return torch.randn(N, 5, generator=generator, dtype=torch.float64), torch.randint(0, 3, (N,), generator=generator)
+
+
+VOCAB = 7
+
+
+def _token_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(VOCAB, 4), nn.Tanh(), nn.Linear(4, VOCAB)).double()
+
+
+def _token_batches() -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Six dict batches of padded sequences, labels -100 on the padding: the ranks' shards (batches 0, 2, 4
+    and 1, 3, 5) hold different numbers of real tokens, so weighting by sequences or by batches is wrong."""
+    generator = torch.Generator().manual_seed(5)
+    batches = []
+    for b in range(6):
+        ids = torch.randint(1, VOCAB, (3, 5), generator=generator)
+        lengths = torch.tensor([5, 1 + b % 4, 2 + (b * 3) % 4])
+        keep = torch.arange(5)[None, :] < lengths[:, None]
+        batches.append(({"input": ids * keep}, torch.where(keep, torch.roll(ids, -1, 1), torch.full_like(ids, -100))))
+    return batches
 
 
 def _surface(path: Path | None, **kwargs: Any) -> surface.SurfaceResult:
@@ -75,6 +97,18 @@ def _worker(rank: int, workdir: Path) -> dict[str, Any]:
         torch.distributed.all_reduce = original
     out["collectives_per_3_matvecs"] = len(calls)
     out["hv"] = products[0]
+    # token-level loss over dict batches: every real token of both shards weighs the same
+    tokens = _token_batches()[rank::WORLD]
+    token_options = {"dtype": torch.float64, "progress": False, "distributed": True}
+    out["token_eigenvalues"] = hessian.top_eigenvalues(_token_model(), token_cross_entropy, tokens, k=2, tol=1e-10,
+                                                       **token_options).eigenvalues
+    out["token_eigenvalues_streamed"] = hessian.top_eigenvalues(_token_model(), token_cross_entropy, tokens, k=2,
+                                                                tol=1e-10, stream=True, **token_options).eigenvalues
+    objective = Objective(_token_model(), token_cross_entropy, tokens, dtype=torch.float64, distributed=True)
+    out["token_loss_and_accuracy"] = list(objective.loss_and_accuracy())
+    # a distributed surface splits its points, not the data: every process passes all of them
+    out["token_centre"] = float(surface.slice_1d(_token_model(), token_cross_entropy, _token_batches(), steps=3,
+                                                 seed=0, **token_options).loss[1])
     out["grid"] = torch.from_numpy(_surface(workdir / "grid", distributed=True).loss)
     out["resumed"] = torch.from_numpy(_surface(workdir / "partial", distributed=True).loss)
     try:
@@ -188,3 +222,35 @@ def _dense_hessian() -> torch.Tensor:
 
 def test_a_file_only_rank_zero_fails_to_read_fails_every_rank(ranks: list[dict[str, Any]]) -> None:
     assert [r["broken_error"] for r in ranks] == ["FileExistsError", "FileExistsError"]
+
+
+def _dense_token_terms() -> tuple[torch.Tensor, float, float]:
+    """The float64 Hessian, the loss and the accuracy of the mean over every real token of all six batches."""
+    model = _token_model()
+    ids = torch.cat([inputs["input"] for inputs, _ in _token_batches()])
+    labels = torch.cat([labels for _, labels in _token_batches()])
+    keep = labels != -100
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    sizes = [params[n].numel() for n in names]
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        pieces = dict(zip(names, (t.view(params[n].shape) for t, n in zip(torch.split(flat, sizes), names))))
+        logits = torch.func.functional_call(model, pieces, (ids,))
+        return F.cross_entropy(logits[keep], labels[keep])
+
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+    with torch.no_grad():
+        logits = model(ids)
+    accuracy = float((logits[keep].argmax(-1) == labels[keep]).double().mean())
+    return torch.func.hessian(loss)(flat), float(loss(flat)), accuracy
+
+
+def test_distributed_token_level_dict_batches_equal_the_dense_mean_over_real_tokens(ranks: list[dict[str, Any]]) -> None:
+    dense, loss, accuracy = _dense_token_terms()
+    top = torch.linalg.eigvalsh(dense).flip(0)[:2]
+    for rank in ranks:
+        torch.testing.assert_close(rank["token_eigenvalues"], top, rtol=1e-6, atol=1e-10)
+        torch.testing.assert_close(rank["token_eigenvalues_streamed"], top, rtol=1e-6, atol=1e-10)
+        assert rank["token_loss_and_accuracy"] == pytest.approx([loss, accuracy], rel=1e-12)
+        assert rank["token_centre"] == pytest.approx(loss, rel=1e-10)

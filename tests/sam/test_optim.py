@@ -1354,3 +1354,27 @@ def test_create_names_arguments_the_wrapper_does_not_take() -> None:
     with pytest.raises(ValueError, match=r"sam does not take \['m'\]"):
         create("sam", params, lr=0.1, m=4)
     assert isinstance(create("sam", params, base="SGD", lr=0.1).base_optimizer, torch.optim.SGD)
+
+
+def test_a_wrapper_that_proxies_attributes_reaches_the_linked_groups_and_state():
+    """Lightning's LightningOptimizer subclasses the optimizer's class without its ``__dict__`` and proxies
+    missing attributes through ``__getattr__``: ``param_groups`` and ``state`` must raise AttributeError
+    (not KeyError) on such an object so that the proxy reaches the real ones."""
+    model = torch.nn.Linear(3, 2)
+    opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+
+    class Proxy:
+        def __init__(self, inner):
+            self._inner = inner
+            self.__class__ = type("ProxySAM", (Proxy, type(inner)), {})
+
+        def __getattr__(self, item):
+            return getattr(self._inner, item)
+
+    proxy = Proxy(opt)
+    assert isinstance(proxy, SAM)
+    assert proxy.param_groups is opt.base_optimizer.param_groups
+    assert proxy.state is opt.base_optimizer.state
+    model(torch.randn(4, 3)).sum().backward()
+    proxy.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
