@@ -244,8 +244,10 @@ class Objective:
             the determinism check then reports why the objective is not a fixed function.
         hvp_method: ``"jvp"`` (forward-over-reverse), ``"double_backward"`` (reverse-over-reverse),
             ``"graph"`` (reverse-over-reverse keeping the gradient's graph between products: one backward
-            pass per product; only for one kept batch) or ``"auto"``: ``"graph"`` for one kept batch, else
-            whichever of the first two is faster on the first batch.
+            pass per product; only for one kept batch) or ``"auto"``: ``"graph"`` for one kept batch;
+            ``"double_backward"`` for streamed data, whose peak memory is the lower (about 1.7x one batch's
+            forward and backward against 3.2x for ``"jvp"``, ``benchmarks/RESULTS.md``), and neither is tried
+            on the side; else whichever of the first two is faster on the first batch.
         check: run the determinism check at construction.
         distributed: ``data`` is this process's shard of the dataset; losses, gradients and
             Hessian-vector products are summed over the processes of the default group (one
@@ -521,7 +523,9 @@ class Objective:
             raise ValueError("hvp_method='graph' keeps the gradient graph of every batch on the device, which streamed "
                              "data (stream=True) must not: use 'jvp', 'double_backward' or 'auto'")
         if asked == "auto":
-            if not self.stream and self.n_batches == 1:
+            if self.stream:  # memory first: double backward peaks lower than forward-over-reverse
+                method = "double_backward" if self._works("double_backward") else "jvp"
+            elif self.n_batches == 1:
                 method = "graph" if self._works("graph") else self._fastest()
             else:
                 method = self._fastest()

@@ -319,6 +319,22 @@ def test_data_above_the_memory_budget_are_streamed_by_default():
     assert not Objective(mlp(), F.cross_entropy, loader, dtype=F64, memory_budget=4 * one_batch).stream
 
 
+def test_streamed_data_take_the_leaner_product_without_trying_the_other(monkeypatch):
+    """Streaming is for memory: double backward (lower peak than forward-over-reverse), and forward-over-reverse
+    is not run on the side to time it."""
+    import landscape.objective as objective_module
+
+    tried = []
+    for name, product in list(objective_module._HVP.items()):
+        monkeypatch.setitem(objective_module._HVP, name,
+                            lambda *args, _name=name, _product=product: (tried.append(_name), _product(*args))[1])
+    loader = DataLoader(Synthetic(64), batch_size=16)
+    streamed = Objective(mlp(), F.cross_entropy, loader, dtype=F64, stream=True)
+    assert streamed.hvp_method == "double_backward" and "jvp" not in tried
+    assert Objective(mlp(), F.cross_entropy, loader, dtype=F64).hvp_method in ("jvp", "double_backward")
+    assert "jvp" in tried  # kept data with several batches: both are timed
+
+
 def test_streamed_data_that_change_between_passes_are_caught():
     loader = DataLoader(Synthetic(40), batch_size=8, shuffle=True)
     with pytest.raises(NondeterministicObjective, match="shuffle=True or random augmentation"):
