@@ -8,6 +8,9 @@ statistics, which are ordinary buffers).
 Models (see :data:`MODELS`):
 
 * ``digits_cnn``: a small CNN for the 8x8 single-channel scikit-learn digits.
+* ``mnist1d_mlp``, ``mnist1d_cnn``: the MLP (40-100-100-10) and the strided 1-D CNN (about 5k
+  parameters) of Greydanus & Kobak, "Scaling Down Deep Learning with MNIST-1D", ICML 2024, for
+  signals of length 40; PyTorch's default initialisation, as there, and no BatchNorm.
 * ``resnet20``, ``resnet32``, ``resnet56``: the CIFAR ResNets of He et al.,
   "Deep Residual Learning for Image Recognition", CVPR 2016, Sec. 4.2, with the
   parameter-free option-A shortcut.  ``skip=False`` gives the "noshort" variants
@@ -37,11 +40,15 @@ from torch import nn
 __all__ = [
     "MODELS",
     "DigitsCNN",
+    "MNIST1DMLP",
+    "MNIST1DCNN",
     "CifarResNet",
     "WideResNet",
     "available_models",
     "build_model",
     "digits_cnn",
+    "mnist1d_mlp",
+    "mnist1d_cnn",
     "resnet20",
     "resnet32",
     "resnet56",
@@ -145,6 +152,55 @@ class DigitsCNN(nn.Module):
         x = F.relu(self.bn3(self.conv3(x)))
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(x)
+
+
+# --------------------------------------------------------------------------- #
+# MNIST-1D models (Greydanus & Kobak 2024)
+# --------------------------------------------------------------------------- #
+MNIST1D_LENGTH = 40  # the generator's default final_seq_length
+
+
+class MNIST1DMLP(nn.Module):
+    """``Linear(C L, 100)-ReLU-Linear(100, 100)-ReLU-Linear(100, num_classes)`` on flattened signals.
+
+    The MLP of the MNIST-1D paper (about 15k parameters for ``L = 40``). Input ``N x C x L``.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, length: int = MNIST1D_LENGTH,
+                 hidden: int = 100) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_channels * length, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc3(F.relu(self.fc2(x)))
+
+
+class MNIST1DCNN(nn.Module):
+    """Three strided 1-D convolutions and a linear layer (about 5k parameters for ``L = 40``).
+
+    ``Conv1d(C, 25, 5, stride 2, pad 1)-ReLU, Conv1d(25, 25, 3, stride 2, pad 1)-ReLU`` twice, then
+    ``Linear(25 L', num_classes)`` with ``L' = 5`` for ``L = 40``: the CNN of the MNIST-1D paper.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, length: int = MNIST1D_LENGTH,
+                 channels: int = 25) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(in_channels, channels, 5, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        out = length
+        for kernel in (5, 3, 3):
+            out = (out + 2 - kernel) // 2 + 1
+        self.fc = nn.Linear(channels * out, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        return self.fc(torch.flatten(x, 1))
 
 
 # --------------------------------------------------------------------------- #
@@ -365,6 +421,33 @@ def digits_cnn(*, num_classes: int = 10, in_channels: int = 1, batchnorm: bool =
     return DigitsCNN(num_classes=num_classes, in_channels=in_channels, batchnorm=batchnorm)
 
 
+def _no_skip_switch(name: str, skip: bool) -> None:
+    if not skip:
+        raise ValueError(f"skip=False is not supported by {name!r} (it has no skip connections); use skip=True")
+
+
+def mnist1d_mlp(*, num_classes: int = 10, in_channels: int = 1, batchnorm: bool = True,
+                skip: bool = True) -> MNIST1DMLP:
+    """The MNIST-1D MLP; see :class:`MNIST1DMLP`. It has no BatchNorm, so ``batchnorm`` changes nothing.
+
+    Raises:
+        ValueError: If ``skip=False``: the model has no skip connections to remove.
+    """
+    _no_skip_switch("mnist1d_mlp", skip)
+    return MNIST1DMLP(num_classes=num_classes, in_channels=in_channels)
+
+
+def mnist1d_cnn(*, num_classes: int = 10, in_channels: int = 1, batchnorm: bool = True,
+                skip: bool = True) -> MNIST1DCNN:
+    """The MNIST-1D CNN; see :class:`MNIST1DCNN`. It has no BatchNorm, so ``batchnorm`` changes nothing.
+
+    Raises:
+        ValueError: If ``skip=False``: the model has no skip connections to remove.
+    """
+    _no_skip_switch("mnist1d_cnn", skip)
+    return MNIST1DCNN(num_classes=num_classes, in_channels=in_channels)
+
+
 def resnet20(*, num_classes: int = 10, in_channels: int = 3, batchnorm: bool = True, skip: bool = True) -> CifarResNet:
     """ResNet-20 (n = 3), 272,474 parameters with 10 classes; see :class:`CifarResNet`."""
     return CifarResNet(20, num_classes, in_channels, batchnorm, skip)
@@ -397,6 +480,8 @@ def wrn40_10(*, num_classes: int = 10, in_channels: int = 3, batchnorm: bool = T
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits_cnn": digits_cnn,
+    "mnist1d_mlp": mnist1d_mlp,
+    "mnist1d_cnn": mnist1d_cnn,
     "resnet20": resnet20,
     "resnet32": resnet32,
     "resnet56": resnet56,
@@ -427,7 +512,7 @@ def build_model(
         name: One of :func:`available_models`.
         num_classes: Number of output logits.
         in_channels: Number of input channels; ``None`` uses the model's
-            default (1 for ``digits_cnn``, 3 for the CIFAR models).
+            default (1 for ``digits_cnn`` and the MNIST-1D models, 3 for the CIFAR models).
         batchnorm: If False, build the variant without BatchNorm.
         skip: If False, build the variant without shortcut connections
             (residual networks only).

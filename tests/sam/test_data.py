@@ -597,3 +597,72 @@ def test_augment_batch_is_vectorised():
 def test_augment_batch_rejects_mismatched_generator():
     with pytest.raises(ValueError, match="generator"):
         augment_batch(torch.zeros(2, 3, 8, 8), torch.Generator(device="cuda"))
+
+
+# --------------------------------------------------------------------------------------
+# MNIST-1D (procedural, offline)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist1d():
+    pytest.importorskip("mnist1d")
+    return load_dataset("mnist1d")
+
+
+def test_mnist1d_is_the_generators_default_dataset(mnist1d):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    train, test, info = mnist1d
+    reference = make_dataset(get_dataset_args())  # the package itself, called directly
+    assert train.x.shape == (4000, 1, 40) and test.x.shape == (1000, 1, 40)
+    assert train.x.dtype == torch.float32 and train.y.dtype == torch.int64
+    np.testing.assert_allclose(train.x[:, 0].numpy(), reference["x"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(test.y.numpy(), reference["y_test"])
+    assert (info.name, info.num_classes, info.in_channels, info.image_size) == ("mnist1d", 10, 1, 40)
+    assert sorted(set(train.y.tolist())) == list(range(10))
+
+
+def test_mnist1d_leaves_the_global_random_state_as_it_was(mnist1d):
+    import random
+
+    random.seed(123)
+    np.random.seed(123)
+    expected = (random.random(), np.random.rand())
+    random.seed(123)
+    np.random.seed(123)
+    load_dataset("mnist1d")
+    assert (random.random(), np.random.rand()) == expected
+
+
+def test_mnist1d_is_cached_with_its_recipe_and_read_back(mnist1d, tmp_path, monkeypatch):
+    import json
+
+    import sam.data as data_module
+
+    first = load_dataset("mnist1d", root=tmp_path)
+    [cache] = (tmp_path / "mnist1d").glob("mnist1d-*.npz")
+    with np.load(cache) as stored:
+        assert json.loads(str(stored["recipe"])) == data_module.mnist1d_recipe()
+    monkeypatch.setattr(data_module, "_generate_mnist1d", lambda recipe: pytest.fail("the cache was not used"))
+    again = load_dataset("mnist1d", root=tmp_path, label_noise=0.2, noise_seed=1)
+    assert torch.equal(again[0].x, first[0].x) and torch.equal(again[1].y, mnist1d[1].y)
+    changed = (again[0].y != first[0].y).float().mean().item()
+    assert changed == pytest.approx(0.2, abs=1e-3)  # label noise on the training split
+
+
+def test_mnist1d_cache_of_another_recipe_is_regenerated_and_a_damaged_one_named(mnist1d, tmp_path):
+    import json
+
+    load_dataset("mnist1d", root=tmp_path)
+    [cache] = (tmp_path / "mnist1d").glob("mnist1d-*.npz")
+    with np.load(cache) as stored:
+        arrays = {k: stored[k] for k in stored.files}
+    arrays["x"] = np.zeros_like(arrays["x"])
+    arrays["recipe"] = np.array(json.dumps({"generator": "something else"}))
+    np.savez(cache, **arrays)
+    train, _, _ = load_dataset("mnist1d", root=tmp_path)
+    assert torch.equal(train.x, mnist1d[0].x)
+    cache.write_bytes(b"not an npz")
+    with pytest.raises(ValueError, match=f"{cache}.*not a readable MNIST-1D cache"):
+        load_dataset("mnist1d", root=tmp_path)

@@ -20,6 +20,9 @@ from sam.models import (
 # Parameter counts with 10 classes and BatchNorm.
 PARAM_COUNTS = {
     "digits_cnn": 56_554,
+    # Greydanus & Kobak (2024): 40*100+100 + 100*100+100 + 100*10+10, and 1*25*5+25 + 2*(25*25*3+25) + 125*10+10
+    "mnist1d_mlp": 15_210,
+    "mnist1d_cnn": 5_210,
     # Option-A (parameter-free) shortcuts.  He et al. (2016) Table 6 gives
     # "0.27M"; 269,722 is also what e.g. akamaster/pytorch_resnet_cifar10
     # prints.  The often-quoted 272,474 is the option-B count (1x1 projection
@@ -42,7 +45,7 @@ def _seed() -> None:
 
 
 def _input(name: str, batch: int) -> torch.Tensor:
-    shape = (1, 8, 8) if name == "digits_cnn" else (3, 32, 32)
+    shape = {"digits_cnn": (1, 8, 8), "mnist1d_mlp": (1, 40), "mnist1d_cnn": (1, 40)}.get(name, (3, 32, 32))
     return torch.randn(batch, *shape)
 
 
@@ -228,3 +231,20 @@ def test_functional_call() -> None:
     leaf = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     functional_call(model, (leaf, buffers), (x,)).sum().backward()
     assert all(v.grad is not None for v in leaf.values())
+
+
+@pytest.mark.parametrize("name", ["mnist1d_mlp", "mnist1d_cnn"])
+def test_mnist1d_models_have_no_skip_switch_and_no_batchnorm(name: str) -> None:
+    with pytest.raises(ValueError, match=f"skip=False is not supported by '{name}'"):
+        build_model(name, skip=False)
+    assert not _has_batchnorm(build_model(name))
+    # the flag changes nothing: the same architecture, parameter for parameter
+    a, b = build_model(name), build_model(name, batchnorm=False)
+    assert [(n, p.shape) for n, p in a.named_parameters()] == [(n, p.shape) for n, p in b.named_parameters()]
+
+
+def test_mnist1d_cnn_is_three_strided_convolutions_down_to_five_positions() -> None:
+    model = build_model("mnist1d_cnn", num_classes=7, in_channels=2)
+    assert [m.stride for m in model.modules() if isinstance(m, nn.Conv1d)] == [(2,), (2,), (2,)]
+    assert model.fc.in_features == 25 * 5 and model.fc.out_features == 7
+    assert model(torch.randn(3, 2, 40)).shape == (3, 7)
