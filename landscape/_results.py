@@ -1,6 +1,8 @@
 """Saving analysis results as plain files: ``NAME.json`` for scalars and metadata, ``NAME.npz`` for arrays.
 
-Both are written atomically; existing results are never overwritten unless asked for.
+Both are written atomically, the ``.npz`` first: the ``.json`` is the commit point, so a result is
+finished only when both are there (:func:`results_complete`), and a lone ``.npz`` is what a kill between
+the two writes left. Existing results are never overwritten unless asked for.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 
 from .storage import atomic_write, atomic_write_json
 
-__all__ = ["save_results", "result_paths"]
+__all__ = ["save_results", "result_paths", "results_complete"]
 
 
 def result_paths(out_dir: str | Path, name: str) -> tuple[Path, Path]:
@@ -21,10 +23,15 @@ def result_paths(out_dir: str | Path, name: str) -> tuple[Path, Path]:
     return out / f"{name}.json", out / f"{name}.npz"
 
 
+def results_complete(out_dir: str | Path, name: str) -> bool:
+    """Whether ``out_dir`` holds a finished result ``name``: its ``.npz`` and, written after it, its ``.json``."""
+    return all(path.exists() for path in result_paths(out_dir, name))
+
+
 def save_results(
     out_dir: str | Path, name: str, scalars: dict[str, Any], arrays: dict[str, np.ndarray], *, overwrite: bool = False
 ) -> tuple[Path, Path]:
-    """Write ``scalars`` to ``out_dir/name.json`` and ``arrays`` to ``out_dir/name.npz``.
+    """Write ``arrays`` to ``out_dir/name.npz``, then ``scalars`` to ``out_dir/name.json`` (the commit point).
 
     Raises:
         FileExistsError: a result of that name exists and ``overwrite`` is False.

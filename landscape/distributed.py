@@ -34,6 +34,7 @@ __all__ = [
     "init_from_env",
     "launched_by_torchrun",
     "device_for",
+    "check_device_name",
     "shard",
     "all_reduce_sum_",
     "broadcast_",
@@ -74,9 +75,10 @@ def device_for(device: str) -> torch.device:
     ``cuda:LOCAL_RANK``; elsewhere ``"auto"`` is CUDA when available, else the CPU.
 
     Raises:
-        ValueError: CUDA was asked for and is not available, or a numbered GPU (``cuda:K``) was asked for
-            under a process group (every process would take the same GPU).
+        ValueError: ``device`` names no device, CUDA was asked for and is not available, or a numbered GPU
+            (``cuda:K``) was asked for under a process group (every process would take the same GPU).
     """
+    check_device_name(device)
     wants_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but CUDA is not available; use --device cpu or auto")
@@ -88,6 +90,22 @@ def device_for(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def check_device_name(device: str) -> str:
+    """``device`` itself if it is ``"auto"`` or a device ``torch.device`` knows (``"cpu"``, ``"cuda:1"``).
+
+    Raises:
+        ValueError: it is not, with what would be accepted (``torch.device`` raises a RuntimeError).
+    """
+    if device == "auto":
+        return device
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a device: use auto, cpu, cuda, cuda:N or another torch device "
+                         "type (mps, xpu)") from None
+    return device
 
 
 def init_from_env(device: str = "auto") -> bool:

@@ -11,6 +11,11 @@ for reference-quality numbers.
 * :func:`spectral_density`: stochastic Lanczos quadrature (Ghorbani et al. 2019).
 * :func:`summary`: ``lambda_max``, ``lambda_max / lambda_5`` (Jastrzebski et al. 2020) and the trace.
 
+Models and data beyond ``(x, y)`` tensors: every function here also takes the keyword options of
+:class:`~landscape.objective.Objective` (``forward``, ``weight``, ``target``, ``params``, ``stream``,
+``memory_budget``), and ``loss_fn=None`` for a model that computes its own loss (Hugging Face style);
+the batch protocol is :mod:`landscape.batches`.
+
 Example:
     >>> import torch
     >>> from landscape import hessian
@@ -269,7 +274,7 @@ def hessian_trace(
 def _trace(op: HessianOperator, method: str, n_matvecs: int, seed: int, progress: bool) -> TraceEstimate:
     if method == "hutchinson":
         return hutchinson(op, n_samples=n_matvecs, seed=seed, progress=progress)
-    return hutch_plus_plus(op, n_matvecs=n_matvecs, seed=seed)
+    return hutch_plus_plus(op, n_matvecs=n_matvecs, seed=seed, progress=progress)
 
 
 def spectral_density(

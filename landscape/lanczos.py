@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -508,7 +509,9 @@ def top_eigenpairs(
             Larger means fewer restarts and usually fewer products, and more memory.
         v0: start vector (length ``n``); default a seeded Gaussian vector.
         seed: seeds the start vector and every random restart vector (``torch.Generator`` on the CPU).
-        progress: show a progress bar of products used and the largest relative residual estimate.
+        progress: show progress: the number of the ``k`` wanted pairs whose residual estimate passes the
+            test (a line each time it grows, in a log), the products used and the largest relative
+            residual estimate.
         confirm: after convergence, lock the pairs and search their complement from a random vector
             for copies of multiple eigenvalues (see above); off by default because it adds products.
 
@@ -566,7 +569,8 @@ def top_eigenpairs(
     if progress:
         from .progress import progress_bar
 
-        bar = progress_bar(total=max_matvecs, desc=f"lanczos top-{k} {which}", unit="matvec")
+        # Counted in converged eigenvalues, not in products: the budget is a cap, and usually far from reached.
+        bar = progress_bar(total=k, desc=f"lanczos top-{k} {which}", unit="eigenvalues", lines="each")
     try:
         while True:
             # One Lanczos step on v_{j+1} = r: column j of T from the reorthogonalisation coefficients.
@@ -600,8 +604,6 @@ def top_eigenpairs(
             else:
                 virtual = None
             verified = None
-            if bar is not None:
-                bar.update(1)
 
             if j >= k + int(probing):
                 theta, s = np.linalg.eigh(t[:j, :j])
@@ -612,8 +614,7 @@ def top_eigenpairs(
                 thresholds = tol * np.abs(theta) + floor
                 wanted = order[: k + int(probing)]  # with confirm, also the best value outside the k
                 if bar is not None:
-                    rel = estimates[wanted] / np.maximum(np.abs(theta[wanted]), 1e-300)
-                    bar.set_postfix(rel_res=f"{rel.max():.1e}")
+                    _show_progress(bar, estimates, thresholds, theta, order[:k], est_scale, used)
                 ok = bool(np.all(est_scale * estimates[wanted] <= thresholds[wanted]))
                 if ok and virtual is not None:  # a further copy of the closed block's values would be wanted
                     kth = order[k - 1]
@@ -623,8 +624,6 @@ def top_eigenpairs(
                     vectors = _ritz_vectors(basis[:j], s[:, wanted])
                     res = _explicit_residuals(op, vectors, theta[wanted])
                     used += k
-                    if bar is not None:
-                        bar.update(k)
                     verified = (theta[wanted], vectors, res)
                     if not np.all(res <= thresholds[wanted]):
                         bad = res > thresholds[wanted]
@@ -635,6 +634,9 @@ def top_eigenpairs(
                             _key(theta[wanted], which) > _key(locked, which) + thresholds[wanted]))
                         if not (confirm and improved and k < n and used + 2 + k <= max_matvecs):
                             converged = True
+                            if bar is not None:
+                                bar.set_postfix(matvecs=used, rel_res="verified")
+                                bar.update(k - bar.n)
                             break
                         # Lock the k verified pairs and search their complement from a random vector.
                         basis[:k] = vectors.T
@@ -675,6 +677,17 @@ def top_eigenpairs(
         converged = bool(np.all(res <= tol * np.abs(theta[wanted]) + floor))
         verified = (theta[wanted], vectors, res)
     return _result(*verified, n_matvecs=used, converged=converged, n_restarts=n_restarts, which=which)
+
+
+def _show_progress(bar: Any, estimates: np.ndarray, thresholds: np.ndarray, theta: np.ndarray, wanted: np.ndarray,
+                   est_scale: float, used: int) -> None:
+    """Move the bar to the number of wanted pairs whose estimate passes (never back: a restart or a
+    rescaled estimate may undo one for a while), with the products used and the worst relative estimate."""
+    passing = int(np.count_nonzero(est_scale * estimates[wanted] <= thresholds[wanted]))
+    rel = estimates[wanted] / np.maximum(np.abs(theta[wanted]), 1e-300)
+    bar.set_postfix(matvecs=used, rel_res=f"{rel.max():.1e}")
+    if passing > bar.n:
+        bar.update(passing - bar.n)
 
 
 # --------------------------------------------------------------------------- #

@@ -31,6 +31,11 @@ over stacked perturbations (``m = 1`` gives per-example gradients), ``batched=Fa
 Python (the reference path). A chunk's loss is the mean over its loss terms (its tokens, for a language
 model; :mod:`landscape.batches`); a chunk without any (every target ignored) is left out.
 
+Models and data beyond ``(x, y)`` tensors: every function here also takes the keyword options of
+:class:`~landscape.objective.Objective` (``forward``, ``weight``, ``target``, ``params``, ``stream``,
+``memory_budget``), and ``loss_fn=None`` for a model that computes its own loss (Hugging Face style);
+the batch protocol is :mod:`landscape.batches`.
+
 Example:
     >>> import torch
     >>> from landscape import sharpness

@@ -3,9 +3,11 @@
 Writes go to a temporary file beside the target, are flushed to disk, then renamed over it, so a reader
 (or a resumed run) sees either the old file or the new one. A process killed with ``SIGKILL`` between
 creating the temporary file and renaming it cannot clean up after itself: the temporary file's name
-records the host and process that made it (``.NAME.HOST.PID.XXXXXXXX.tmp``), and
-:func:`remove_stale_temporaries`, called when a command starts on a directory, deletes the ones whose
-process is gone.
+records the host and process that made it (``.NAME.HOST.PID.XXXXXXXX.tmp``), its writer holds an
+``fcntl.flock`` on it until the rename, and :func:`remove_stale_temporaries`, called when a command starts
+on a directory, deletes the ones nobody holds any more. The lock, not the process id, says whether the
+writer is alive: in containers every writer may be PID 1. Where ``fcntl`` is missing (Windows) or the
+file system refuses locks, a temporary file is stale when its process, on this host, is gone.
 
 Reads of what the toolkit wrote (JSON, JSON lines, ``torch.save`` files) raise :class:`CorruptFileError`, a
 ``ValueError`` whose one-line message names the file and what is wrong with it, instead of the parser's
@@ -36,11 +38,17 @@ import pickle
 import re
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: staleness falls back to the process id in the name
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "CorruptFileError",
@@ -68,27 +76,67 @@ def _host_id() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it sets it: read it once, at import, before any thread writes
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.[A-Za-z0-9_]{8}\.tmp$")
+# A temporary file of another machine is deleted only when its lock is free and it is this old: a file
+# system whose locks do not reach other machines (NFS with local_lock) would show a live writer's lock free.
+_FOREIGN_STALE_SECONDS = 3600.0
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.{_host_id()}.{os.getpid()}."
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, and rename it over ``path``."""
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, and rename it over ``path``.
+
+    The temporary file is locked (``fcntl.flock``) from its creation until it is renamed, which tells
+    :func:`remove_stale_temporaries` in any process that it is being written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_host_id()}.{os.getpid()}.", suffix=".tmp")
+    fd, tmp = _locked_temporary(path)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if fcntl is not None:  # renamed while open, so locked until then (Windows cannot rename an open file)
+                os.replace(tmp, path)
+        if fcntl is None:
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+
+
+def _locked_temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path`` (mode 0600 until chmod), open and locked by this process.
+
+    A cleaner may lock the file between its creation and our lock: then it deletes it, and we take
+    another one (the link count of what we hold is 0).
+    """
+    while True:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
+        if fcntl is None:
+            return fd, tmp
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks only while a cleaner holds it, for the time of an unlink
+        except OSError:  # a file system without locks: the process id in the name is all there is
+            return fd, tmp
+        if os.fstat(fd).st_nlink > 0:
+            return fd, tmp
+        os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -107,9 +155,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def remove_stale_temporaries(directory: str | Path, *, recursive: bool = False) -> list[Path]:
     """Delete the temporary files of :func:`atomic_write` in ``directory`` whose writer is gone.
 
-    A temporary file is stale when it was made on this host by a process that no longer runs (killed
-    before it could rename or delete it). Files of live processes, of other hosts sharing the file system,
-    and every other file are left alone.
+    A temporary file is stale when nobody holds its lock (its writer was killed before it could rename
+    or delete it; the kernel dropped the lock with the process), taken here without waiting. A file made
+    on another host must also be an hour old, in case the file system's locks do not reach across
+    machines. Without ``fcntl``, or on a file system that refuses locks, a file is stale when it was
+    made on this host by a process that no longer runs. Every other file is left alone.
 
     Returns:
         The files deleted.
@@ -121,14 +171,55 @@ def remove_stale_temporaries(directory: str | Path, *, recursive: bool = False) 
     removed = []
     for candidate in directory.rglob(".*.tmp") if recursive else directory.glob(".*.tmp"):
         match = _TEMPORARY.match(candidate.name)
-        if match is None or match["host"] != here or _process_alive(int(match["pid"])):
+        if match is None:
             continue
-        try:
-            candidate.unlink()
+        if _remove_if_stale(candidate, match["host"] == here, int(match["pid"])):
             removed.append(candidate)
-        except FileNotFoundError:  # another process cleaned it first
-            pass
     return removed
+
+
+def _remove_if_stale(candidate: Path, same_host: bool, pid: int) -> bool:
+    """Delete ``candidate`` if its writer is gone (see :func:`remove_stale_temporaries`); whether it did."""
+    held = _lock_if_free(candidate)
+    if held is None:  # no locks here: judge by the process id
+        if not same_host or _process_alive(pid):
+            return False
+        return _unlink(candidate)
+    if held is False:
+        return False
+    try:
+        if not same_host and time.time() - os.fstat(held).st_mtime < _FOREIGN_STALE_SECONDS:
+            return False
+        return _unlink(candidate)  # under the lock: a writer still waiting to lock it finds it gone, takes another
+    finally:
+        os.close(held)
+
+
+def _lock_if_free(path: Path) -> int | bool | None:
+    """An open descriptor holding ``path``'s lock, ``False`` when someone else holds it (or it is gone), or
+    ``None`` when locks cannot be used (no ``fcntl``, a file system without them, a file we cannot open)."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR)  # a lock over NFS needs a file open for writing
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        return False if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+    return fd
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:  # another process cleaned it first
+        return False
+    return True
 
 
 def _process_alive(pid: int) -> bool:
@@ -139,12 +230,6 @@ def _process_alive(pid: int) -> bool:
     except OSError as error:
         return error.errno == errno.EPERM  # it exists, under another user
     return True
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------------------------- reads

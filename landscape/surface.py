@@ -19,6 +19,11 @@ With ``distributed=True`` (every process of a ``torchrun`` job makes the same ca
 split across the processes: each round hands every process its own block of points, evaluated on the
 whole dataset, and gathers the values; rank 0 alone reads and writes the resumable file, and every
 process returns the whole surface.
+
+Models and data beyond ``(x, y)`` tensors: every function here also takes the keyword options of
+:class:`~landscape.objective.Objective` (``forward``, ``weight``, ``target``, ``params``, ``stream``,
+``memory_budget``), and ``loss_fn=None`` for a model that computes its own loss (Hugging Face style);
+the batch protocol is :mod:`landscape.batches`.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from .directions import _check_same_layout, difference, random_direction, random
 from .batches import batch_size, take, tensors_of
 from .objective import Data, LossFn, Objective, Params, _training_flags, _upcast, evaluation_objective
 from .progress import progress_bar
-from .storage import atomic_write, atomic_write_json, differing_keys, read_json
+from .storage import CorruptFileError, atomic_write, atomic_write_json, differing_keys, read_json
 
 _CPU_EXAMPLE_POINTS_PER_CALL = 1024
 
@@ -356,8 +361,8 @@ def _compute_surface(
         if distributed:  # the same rounds on every process
             q = _distributed.broadcast_object(q)
     replicas = _distributed.world_size() if distributed else 1
-    bar = progress_bar(total=points.shape[0], initial=points.shape[0] - todo.size, desc="surface", unit="pt",
-                       enabled=progress and writer)
+    bar = progress_bar(total=points.shape[0], initial=points.shape[0] - todo.size, unit="pt",
+                       desc=_description(recipe, len(coords), npz_path), enabled=progress and writer)
     for start in range(0, todo.size, q * replicas):
         index = todo[start : start + q * replicas]
         if distributed:
@@ -373,6 +378,12 @@ def _compute_surface(
     bar.close()
     return SurfaceResult([np.asarray(c) for c in coords], loss.reshape(shape), accuracy.reshape(shape),
                          {"recipe": recipe, **info}, computed=int(todo.size))
+
+
+def _description(recipe: dict[str, Any], dims: int, npz_path: Path | None) -> str:
+    """What a progress line says is computed: ``surface: 2D grid of loss and accuracy (surface_2d_test)``."""
+    what = "interpolation" if recipe.get("kind") == "interpolation" else f"{dims}D {'grid' if dims == 2 else 'slice'}"
+    return f"surface: {what} of loss and accuracy" + (f" ({npz_path.stem})" if npz_path is not None else "")
 
 
 def _read_saved(npz_path: Path, json_path: Path, recipe: dict[str, Any]) -> tuple[np.ndarray, ...] | None:
@@ -402,12 +413,14 @@ def _read_saved(npz_path: Path, json_path: Path, recipe: dict[str, Any]) -> tupl
 
 
 def _json_behind(json_path: Path, done: np.ndarray) -> bool:
-    """Whether the readable ``.json`` is missing or counts other points than the ``.npz`` (a run killed
-    between writing the two)."""
+    """Whether the ``.json`` must be written again from the ``.npz``, which holds the recipe and the values:
+    it is missing, unreadable, not an object (``[]``), or counts other points (a run killed between
+    writing the two). Never raises: any file there is replaced by a correct one."""
     try:
-        return json.loads(json_path.read_text()).get("points_done") != int(np.count_nonzero(done))
-    except (OSError, ValueError):
+        saved = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, a directory we cannot read, not UTF-8, not JSON
         return True
+    return not isinstance(saved, dict) or saved.get("points_done") != int(np.count_nonzero(done))
 
 
 def _read_npz(npz_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any] | None, list[np.ndarray]] | None:
@@ -661,7 +674,7 @@ def load(path: str | Path) -> SurfaceResult:
 
     Raises:
         FileNotFoundError: the ``.npz`` is missing.
-        ValueError: it is not a surface saved by this module.
+        ValueError: it is not a surface saved by this module, or its ``.json`` is not an object.
     """
     path = Path(path)
     npz_path, json_path = path.with_suffix(".npz"), path.with_suffix(".json")
@@ -673,4 +686,7 @@ def load(path: str | Path) -> SurfaceResult:
     loss, accuracy, done, recipe, coords = saved
     meta = read_json(json_path) if json_path.exists() else {
         "recipe": recipe, "points_done": int(np.count_nonzero(done)), "points_total": int(done.size)}
+    if not isinstance(meta, dict):
+        raise CorruptFileError(f"{json_path} holds a JSON {type(meta).__name__}, not the surface's metadata (an object "
+                               "with recipe and points_done); rerun the surface command to write it again")
     return SurfaceResult(coords, loss, accuracy, meta)

@@ -159,7 +159,9 @@ def _orthonormal_basis(Y: Tensor) -> Tensor:
     return Q.to(Y.dtype)
 
 
-def hutch_plus_plus(op: LinearOperator, n_matvecs: int = 102, *, seed: int = 0) -> TraceEstimate:
+def hutch_plus_plus(
+    op: LinearOperator, n_matvecs: int = 102, *, seed: int = 0, progress: bool = False
+) -> TraceEstimate:
     r"""Hutch++ estimate of ``tr(A)`` (Meyer, Musco, Musco, Woodruff 2021, Algorithm 1).
 
     With a budget of ``m`` products, ``k = floor(m / 3)`` sketch vectors and ``p = m - 2k`` probes:
@@ -182,6 +184,7 @@ def hutch_plus_plus(op: LinearOperator, n_matvecs: int = 102, *, seed: int = 0) 
         n_matvecs: budget ``m`` of matrix-vector products, at least 3. If ``k > n`` only ``n`` products
             are spent on ``A Q``; the reported count is what was used.
         seed: seed of the CPU ``torch.Generator`` that draws ``S`` and the probes.
+        progress: show a progress bar over the products (advanced after each of the three blocks).
 
     Returns:
         A :class:`TraceEstimate` with ``method="hutch++"``; ``samples[j] = tr(Q^T A Q) + g_j^T ... g_j``.
@@ -191,15 +194,20 @@ def hutch_plus_plus(op: LinearOperator, n_matvecs: int = 102, *, seed: int = 0) 
     k = m // 3
     p = m - 2 * k
     generator = torch.Generator().manual_seed(seed)
+    bar = progress_bar(total=m, desc="hutch++", unit="matvec", enabled=progress, leave=False)
 
     S = rademacher_probes(generator, k, n, dtype=op.dtype, device=op.device)
     Q = _orthonormal_basis(op.matmat(S.T))
     del S
+    bar.update(k)
     low_rank = torch.sum(Q * op.matmat(Q), dtype=torch.float64)  # tr(Q^T A Q)
+    bar.update(Q.shape[1])
 
     G = rademacher_probes(generator, p, n, dtype=op.dtype, device=op.device)
     G = G - (G @ Q) @ Q.T  # rows (I - QQ^T) g_j
     residual = _quadratic_forms(G, op.matmat(G.T))
+    bar.update(p)
+    bar.close()
     host = torch.cat([low_rank.reshape(1), residual]).cpu().numpy()  # the only host synchronisation
     residual = host[1:]
     samples = host[0] + residual

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import pickle
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -93,6 +94,7 @@ class Inputs:
             raise ValueError("params, when given, must name at least one parameter or pattern")
         if self.memory_budget is not None:
             at_least("memory_budget", self.memory_budget, 1)
+        distributed.check_device_name(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -254,13 +256,18 @@ def hessian_analysis(
     state["hvp_method"] = objective.hvp_method  # a resumed run takes the same products
     op = objective.hessian_operator()
     show = progress and distributed.is_main()
+    # One line per finished stage in a log (the solvers' own bars count products or converged pairs).
+    stages = progress_bar(total=_hessian_stages(settings), initial=_hessian_stages(settings, state), desc="hessian",
+                          unit="stages", enabled=show, lines="each")
 
-    def stage_done(name: str, value: Any, used: int, began: float) -> None:
+    def stage_done(name: str, value: Any, used: int, began: float, what: str) -> None:
         state[name] = value
         state["matvecs"] = state.get("matvecs", 0) + op.n_matvecs - used
         state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - began
         if distributed.is_main():
             atomic_torch_save(state, partial_path)
+        stages.set_postfix_str(f"{what}; {state['matvecs']} Hessian-vector products so far")
+        stages.update(1)
 
     problem = (subject.model, subject.loss_fn, objective.source)  # not read again: the operator is given
     if "eigen" not in state:
@@ -269,17 +276,18 @@ def hessian_analysis(
                                       max_matvecs=settings.max_matvecs, method=settings.method, seed=settings.seed,
                                       progress=show, operator=op)
         stage_done("eigen", {"summary": eig.to_dict(), "eigenvalues": eig.eigenvalues.double().cpu(),
-                             "residuals": eig.residuals.double().cpu()}, used, began)
+                             "residuals": eig.residuals.double().cpu()}, used, began,
+                   f"{settings.method} top-{settings.k} {settings.which} eigenvalues done, first "
+                   f"{float(eig.eigenvalues[0]):.6g} (converged: {eig.converged})")
     if settings.trace and "trace" not in state:
         used, began = op.n_matvecs, time.perf_counter()
         trace = hessian.hessian_trace(*problem, method=settings.trace_method, n_matvecs=settings.trace_matvecs,
                                       seed=settings.seed, progress=show, operator=op)
         stage_done("trace", {"value": trace.value, "std_error": trace.std_error, "n_matvecs": trace.n_matvecs,
-                             "method": settings.trace_method}, used, began)
+                             "method": settings.trace_method}, used, began,
+                   f"trace ({settings.trace_method}) done, {trace.value:.6g} +- {trace.std_error:.2g}")
     if settings.density:  # one stage per SLQ run: each has its own seeded start vector
         runs = dict(state.get("slq_runs", {}))
-        bar = progress_bar(total=settings.density_runs, initial=len(runs), desc="density (SLQ)", unit="run",
-                           enabled=show)
         for index in range(settings.density_runs):
             if index in runs:
                 continue
@@ -288,29 +296,53 @@ def hessian_analysis(
                             progress=False)
             runs[index] = {"nodes": torch.from_numpy(one.nodes), "weights": torch.from_numpy(one.weights),
                            "n_nodes": torch.from_numpy(one.n_nodes), "n_matvecs": one.n_matvecs}
-            stage_done("slq_runs", dict(runs), used, began)
-            bar.update(1)
-        bar.close()
+            stage_done("slq_runs", dict(runs), used, began,
+                       f"density (SLQ) run {index + 1} of {settings.density_runs} done")
+    stages.close()
 
     scalars, arrays = _hessian_results(state, settings, inputs, subject, objective, op.shape[0], recipe)
     if not distributed.is_main():
         return Saved(json_path, npz_path, scalars, arrays)
     save_results(out, "hessian", scalars, arrays, overwrite=True)  # what was there was checked above
-    partial_path.unlink(missing_ok=True)
+    partial_path.unlink(missing_ok=True)  # after the .json, the commit point: a kill before leaves it to resume
     return Saved(json_path, npz_path, scalars, arrays)
 
 
+def _hessian_stages(settings: HessianSettings, state: dict[str, Any] | None = None) -> int:
+    """How many stages the analysis has (eigenpairs, trace, each SLQ run), or of those, how many ``state`` holds."""
+    if state is None:
+        return 1 + int(settings.trace) + (settings.density_runs if settings.density else 0)
+    return (int("eigen" in state) + int(settings.trace and "trace" in state)
+            + (len(state.get("slq_runs", {})) if settings.density else 0))
+
+
 def _decided_on_main(decide: Callable[[], Any]) -> Any:
-    """``decide()`` on rank 0 (which alone reads and writes the files), its value or error on every rank."""
+    """``decide()`` on rank 0 (which alone reads and writes the files), its value or error on every rank.
+
+    Any exception is sent to the other ranks (as a ``RuntimeError`` naming it when it cannot be pickled),
+    or they would wait forever for rank 0; rank 0 raises its own, with its traceback.
+    """
     value, problem = None, None
     if distributed.is_main():
         try:
             value = decide()
-        except (ValueError, OSError) as error:  # every rank must learn it, or the others wait forever
+        except Exception as error:  # noqa: BLE001 - every rank must learn it, whatever it is
             problem = error
-    value, problem = distributed.broadcast_object((value, problem))
+    if not distributed.active():
+        if problem is not None:
+            raise problem
+        return value
+    sent = problem
+    if problem is not None:
+        try:
+            pickle.dumps(problem)
+        except Exception:  # noqa: BLE001 - an exception holding a lock, a file, a lambda ...
+            sent = RuntimeError(f"{type(problem).__name__} on rank 0: {problem}")
+    value, sent = distributed.broadcast_object((value, sent))
     if problem is not None:
         raise problem
+    if sent is not None:
+        raise sent
     return value
 
 
@@ -319,17 +351,22 @@ def _finished_hessian(json_path: Path, npz_path: Path, partial_path: Path, recip
     """The saved results when they are complete and ``resume`` keeps them; clears them for ``overwrite``."""
 
     def decide() -> Saved | None:
-        if not (json_path.exists() or npz_path.exists()):
-            return None
         if overwrite:
             for path in (json_path, npz_path, partial_path):
                 path.unlink(missing_ok=True)
             return None
+        if not json_path.exists():  # the commit point: a lone .npz is a kill between the two files
+            return None  # the analysis resumes from its stages (or starts) and writes both again
+        partial_path.unlink(missing_ok=True)  # a kill after the .json, before the stages were deleted
         if not resume:
             raise FileExistsError(f"{json_path} already exists; pass --overwrite to replace it "
                                   "(or --resume to keep it when its settings are the same)")
         saved = read_json(json_path)
-        differing = differing_keys(saved.get("recipe", {}), recipe) if isinstance(saved, dict) else ["recipe"]
+        if not isinstance(saved, dict) or not isinstance(saved.get("recipe"), dict):
+            raise CorruptFileError(f"{json_path} holds no 'recipe' object (the settings it was computed with): it is "
+                                   "not a result of sam-landscape hessian, or was edited; pass --overwrite to compute "
+                                   "it again")
+        differing = differing_keys(saved["recipe"], recipe)
         if differing:
             raise ValueError(f"{json_path} holds results of other settings (differs in {differing}); "
                              "pass --overwrite to replace them, or --out DIR to write elsewhere")
@@ -339,6 +376,9 @@ def _finished_hessian(json_path: Path, npz_path: Path, partial_path: Path, recip
 
 
 def _read_arrays(npz_path: Path) -> dict[str, np.ndarray]:
+    if not npz_path.exists():
+        raise CorruptFileError(f"{npz_path} is missing beside {npz_path.with_suffix('.json')} (it is written first); "
+                               "pass --overwrite to compute both again")
     try:
         with np.load(npz_path) as stored:
             return {k: stored[k] for k in stored.files}
@@ -424,6 +464,9 @@ def sharpness_analysis(
     """Every sharpness measure of :func:`landscape.sharpness.measure_all` for a run, as ``sharpness.json``
     (values, settings) and ``sharpness.npz`` (per-chunk values).
 
+    ``sharpness.json`` is written last: a ``sharpness.npz`` without it is the trace of a run killed between
+    the two, and is replaced.
+
     Raises:
         FileExistsError: ``sharpness.json`` exists and ``overwrite`` is False.
     """
@@ -432,8 +475,9 @@ def sharpness_analysis(
     out = _output_directory(subject, out_dir)
     json_path, npz_path = result_paths(out, "sharpness")
     remove_stale_temporaries(out)
-    if json_path.exists() and not overwrite:
-        raise FileExistsError(f"{json_path} already exists; pass --overwrite to replace it")
+    if json_path.exists() and not overwrite:  # done, whether or not its .npz is there: never replaced silently
+        what = "" if npz_path.exists() else f" (without {npz_path.name}, which is written before it)"
+        raise FileExistsError(f"{json_path} already exists{what}; pass --overwrite to replace it")
     start = time.perf_counter()
     objective = sharpness_objective(subject.model, subject.loss_fn, subject.data(inputs.split),
                                     dtype=inputs.torch_dtype, device=device, **inputs.objective_options())
@@ -445,7 +489,7 @@ def sharpness_analysis(
                "device": str(device), "params": inputs.recipe()["params"], "loss": loss,
                "accuracy": accuracy if math.isfinite(accuracy) else None, **result,
                "seconds": time.perf_counter() - start}
-    save_results(out, "sharpness", scalars, per_chunk, overwrite=overwrite)
+    save_results(out, "sharpness", scalars, per_chunk, overwrite=True)  # checked above; a lone .npz is unfinished
     return Saved(json_path, npz_path, scalars, per_chunk)
 
 

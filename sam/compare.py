@@ -2,7 +2,8 @@
 
 :func:`compare` is what ``sam-landscape compare RUN_A RUN_B --out DIR`` does:
 
-1. analyses, each saved under ``DIR/analyses/`` and reused when present (so a rerun only draws):
+1. analyses, each saved under ``DIR/analyses/`` and reused when finished with the same settings (so a
+   rerun only draws; ``--overwrite`` computes them again):
    the Hessian spectrum with its density (``sam-landscape hessian``), a 2D surface and a 1D slice with
    the *same* seeded direction recipe for both runs (``sam-landscape surface``), m-sharpness against m
    (``sam-landscape sharpness``), and the interpolation from A to B on the train and test splits;
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import time
 import zipfile
@@ -29,14 +31,14 @@ from typing import Any
 import numpy as np
 
 from landscape import surface
-from landscape.plot import figures, interactive
-from landscape.plot.report import Section, write_report
+from landscape._results import results_complete
+from landscape.distributed import check_device_name
 from landscape.sharpness import MeasureSettings
-from landscape.storage import CorruptFileError, read_json, read_jsonl
+from landscape.storage import CorruptFileError, read_json, read_jsonl, remove_stale_temporaries
 
 from .analyses import HessianSettings, Inputs, SurfaceSettings, hessian_analysis, sharpness_analysis, surface_analysis
 from .optim import BASE_OPTIMIZERS, wrapper_defaults
-from .trainer import TrainConfig, checkpoint_sha256, load_run_config, train
+from .trainer import TrainConfig, checkpoint_sha256, load_run_config, resolve_device, train
 
 __all__ = ["CompareConfig", "CompareResult", "compare", "demo", "load_hessian", "load_metrics", "load_noise_table",
            "summary_rows", "run_label", "run_labels"]
@@ -44,9 +46,20 @@ __all__ = ["CompareConfig", "CompareResult", "compare", "demo", "load_hessian", 
 FIGURES = ("surface_3d", "surface_contours", "slices_1d", "interpolation", "hessian", "m_sharpness", "training_curves")
 
 
+# The command-line flag of each CompareConfig field, for errors that name what to change.
+_FLAGS = {"surface_steps": "--surface-steps", "slice_steps": "--slice-steps",
+          "interpolation_steps": "--interpolation-steps", "span": "--span", "hessian_k": "hessian_k",
+          "trace_matvecs": "--trace-matvecs", "density_runs": "--density-runs", "density_steps": "--density-steps",
+          "ms": "--m", "rho": "--rho", "seed": "--seed", "device": "--device", "zmax": "--zmax"}
+
+
 @dataclass
 class CompareConfig:
-    """How much of each analysis :func:`compare` computes (defaults sized for a CPU run of the digits CNN)."""
+    """How much of each analysis :func:`compare` computes (defaults sized for a CPU run of the digits CNN).
+
+    Checked when made, so that a bad value is refused before hours of analyses; the error names the
+    command-line flag (``--surface-steps``) that sets the field.
+    """
 
     surface_steps: int = 31
     slice_steps: int = 51
@@ -61,6 +74,25 @@ class CompareConfig:
     seed: int = 0
     device: str = "auto"
     zmax: float | None = None
+
+    def __post_init__(self) -> None:
+        minimum = {"surface_steps": 2, "slice_steps": 2, "interpolation_steps": 2, "hessian_k": 1,
+                   "trace_matvecs": 3, "density_runs": 1, "density_steps": 1, "seed": 0}  # 3: Hutch++ needs a sketch
+        for name, least in minimum.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{_FLAGS[name]} must be an integer >= {least}; got {value!r}")
+        self.ms = tuple(self.ms)
+        if not self.ms or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.ms):
+            raise ValueError(f"--m takes one or more chunk sizes, integers >= 1; got {list(self.ms)}")
+        for name in ("span", "rho") + (("zmax",) if self.zmax is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{_FLAGS[name]} must be a finite number > 0; got {value!r}")
+        try:
+            check_device_name(self.device)
+        except ValueError as error:
+            raise ValueError(f"--device: {error}") from None
 
 
 @dataclass
@@ -81,7 +113,7 @@ def _check_reusable(path: Path, expected: dict[str, Any]) -> None:
     if differing:
         raise ValueError(f"{path} was computed with other settings or another checkpoint ({', '.join(differing)}: "
                          f"saved {[found[k] for k in differing]}, asked {[expected[k] for k in differing]}); "
-                         "choose another --out, or remove it to recompute")
+                         "pass --overwrite to compute it again, or choose another --out")
 
 
 def _lookup(saved: dict[str, Any], dotted: str) -> Any:
@@ -103,12 +135,29 @@ def load_hessian(directory: str | Path) -> dict[str, Any]:
     return saved
 
 
+METRIC_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")  # what the summary and figures read
+
+
 def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every epoch's metrics of a run (``metrics.jsonl``)."""
+    """Every epoch's metrics of a run (``metrics.jsonl``), each with the numbers of :data:`METRIC_KEYS`.
+
+    Raises:
+        CorruptFileError: the file holds no epoch, or a line that is not an epoch's metrics (naming the
+            line and the keys it lacks).
+    """
     path = Path(run_dir) / "metrics.jsonl"
     records = read_jsonl(path)
-    if not records or any(not isinstance(r, dict) or "test_acc" not in r for r in records):
-        raise CorruptFileError(f"{path} holds no epoch's metrics (one JSON object per line with test_acc, ...)")
+    if not records:
+        raise CorruptFileError(f"{path} holds no epoch's metrics (one JSON object per line with "
+                               f"{', '.join(METRIC_KEYS)})")
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise CorruptFileError(f"{path}: record {number} is a JSON {type(record).__name__}, not an epoch's metrics")
+        missing = [k for k in METRIC_KEYS
+                   if isinstance(record.get(k), bool) or not isinstance(record.get(k), (int, float))]
+        if missing:
+            raise CorruptFileError(f"{path}: record {number} has no number for {', '.join(missing)} (an epoch's "
+                                   f"metrics hold {', '.join(METRIC_KEYS)})")
     return records
 
 
@@ -190,18 +239,22 @@ def compare(
     labels: tuple[str, str] | None = None,
     study_dir: str | Path | None = None,
     noise_study: str | Path | None = None,
+    overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> CompareResult:
     """Analyse two runs with the same recipes, then write the figures and the HTML report into ``out_dir``.
 
     ``labels`` name the runs in the figures and the report; by default each run's optimizer and rho
-    (:func:`run_labels`).
+    (:func:`run_labels`). Analyses saved under ``out_dir/analyses`` are reused when they were made with
+    the same settings from the same checkpoints; ``overwrite=True`` computes every one of them again.
+    Everything else the figures need (the metrics, the study and label-noise tables, the settings) is
+    read and checked first, before hours of analyses.
 
     Raises:
         FileNotFoundError: a run directory or its checkpoint is missing.
         ValueError: the two runs are the same run, or hold the same weights; the labels clash; a saved
-            analysis was made with other settings.
+            analysis was made with other settings (and ``overwrite`` is False); a file to read is corrupt.
     """
     out = Path(out_dir)
     runs = [Path(run_a), Path(run_b)]
@@ -215,9 +268,10 @@ def compare(
     dirs = [out / "analyses" / _directory_name(label) for label in labels]
     if labels[0].lower() == labels[1].lower() or dirs[0] == dirs[1]:
         raise ValueError(f"the two labels must differ (ignoring case: they name directories); got {labels}")
-    if not config.ms:
-        raise ValueError("CompareConfig.ms must list at least one chunk size")
-    # inputs that are only read at the end are checked before hours of analyses
+    # what is only read at the end is read and checked before hours of analyses
+    plan = _plan(config)
+    metrics = [load_metrics(run) for run in runs]
+    _check_chunk_sizes(config, runs)
     table = _read_kendall(Path(study_dir)) if study_dir is not None else None
     noise_rows = load_noise_table(noise_study) if noise_study is not None else None
     for run in runs:
@@ -227,40 +281,41 @@ def compare(
     if checkpoints[runs[0]] == checkpoints[runs[1]]:
         raise ValueError(f"{runs[0]} and {runs[1]} hold the same weights (model.pt has the same SHA-256): "
                          "compare needs two different minima")
-    inputs = Inputs(device=config.device)
-    span = (-config.span, config.span)
+    resolve_device(config.device)  # a device that is not there is named now, not after the first analysis
+    remove_stale_temporaries(out)  # figures and report.html a killed compare was writing
     start = time.perf_counter()
     for run, label, directory in zip(runs, labels, dirs):
         directory.mkdir(parents=True, exist_ok=True)
         sha = checkpoints[run]
-        if (directory / "hessian.json").exists():
+        if not overwrite and results_complete(directory, "hessian"):
             _check_reusable(directory / "hessian.json", {
                 "checkpoint_sha256": sha, "seed": config.seed, "trace.n_matvecs": config.trace_matvecs,
                 "density.n_runs": config.density_runs, "density.n_steps": config.density_steps})
-        else:
+        else:  # a lone .npz is a kill between the two files: the analysis resumes from its stages
             log(f"{label}: Hessian spectrum")
-            settings = HessianSettings(k=config.hessian_k, trace_matvecs=config.trace_matvecs, density=True,
-                                       density_runs=config.density_runs, density_steps=config.density_steps,
-                                       seed=config.seed)
-            hessian_analysis(run, settings, inputs, directory, resume=True, progress=progress)
+            hessian_analysis(run, plan.hessian, plan.inputs, directory, resume=not overwrite, overwrite=overwrite,
+                             progress=progress)
         log(f"{label}: 2D surface and 1D slice")  # resumable: a finished grid is read back
-        for dim, steps in ((2, config.surface_steps), (1, config.slice_steps)):
-            surface_analysis(run, SurfaceSettings(dim=dim, steps=steps, span=span, seed=config.seed), inputs, directory,
-                             progress=progress, log=lambda line: None)
-        if (directory / "sharpness.json").exists():
+        for settings in (plan.surface, plan.slice):
+            surface_analysis(run, settings, plan.inputs, directory, overwrite=overwrite, progress=progress,
+                             log=lambda line: None)
+        if not overwrite and results_complete(directory, "sharpness"):
             _check_reusable(directory / "sharpness.json", {
                 "checkpoint_sha256": sha, "settings.ms": list(config.ms), "settings.rho": config.rho,
                 "settings.seed": config.seed})
         else:
             log(f"{label}: m-sharpness")
-            measures = MeasureSettings(measures=("m_sharpness",), ms=tuple(config.ms), rho=config.rho, seed=config.seed)
-            sharpness_analysis(run, measures, inputs, directory, progress=progress)
+            sharpness_analysis(run, plan.measures, plan.inputs, directory, overwrite=overwrite, progress=progress)
     for split in ("train", "test"):
         log(f"interpolation {labels[0]} -> {labels[1]} ({split})")
-        surface_analysis(runs[0], SurfaceSettings(steps=config.interpolation_steps, span=(-0.5, 1.5), seed=config.seed),
-                         dataclasses.replace(inputs, split=split), out / "analyses" / f"interpolation-{split}",
-                         interpolate=runs[1], progress=progress, log=lambda line: None)
+        surface_analysis(runs[0], plan.interpolation, dataclasses.replace(plan.inputs, split=split),
+                         out / "analyses" / f"interpolation-{split}", interpolate=runs[1], overwrite=overwrite,
+                         progress=progress, log=lambda line: None)
     log(f"analyses done in {time.perf_counter() - start:.1f} s")
+
+    # imported here: matplotlib and plotly take a second to load, which every other command would pay
+    from landscape.plot import figures, interactive
+    from landscape.plot.report import Section, write_report
 
     surfaces = {label: surface.load(d / "surface_2d") for label, d in zip(labels, dirs)}
     slices = {label: surface.load(d / "surface_1d") for label, d in zip(labels, dirs)}
@@ -268,7 +323,6 @@ def compare(
     path_test = surface.load(out / "analyses" / "interpolation-test" / "interpolation_test")
     hessians = [load_hessian(d) for d in dirs]
     sharpness = [read_json(d / "sharpness.json") for d in dirs]
-    metrics = [load_metrics(run) for run in runs]
     by_label = lambda values: dict(zip(labels, values))  # noqa: E731
     curves = by_label([s["measures"]["m_sharpness"] for s in sharpness])
 
@@ -316,6 +370,41 @@ def compare(
                           footer=f"sam-landscape compare; settings: {json.dumps(asdict(config))}")
     log(f"wrote {len(written)} figures (PNG and PDF) and {report}")
     return CompareResult(out, written, report, summary)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The settings of every analysis :func:`compare` runs, made (and so checked) before any of them."""
+
+    inputs: Inputs
+    hessian: HessianSettings
+    surface: SurfaceSettings
+    slice: SurfaceSettings
+    interpolation: SurfaceSettings
+    measures: MeasureSettings
+
+
+def _plan(config: CompareConfig) -> _Plan:
+    span = (-config.span, config.span)
+    return _Plan(
+        inputs=Inputs(device=config.device),
+        hessian=HessianSettings(k=config.hessian_k, trace_matvecs=config.trace_matvecs, density=True,
+                                density_runs=config.density_runs, density_steps=config.density_steps, seed=config.seed),
+        surface=SurfaceSettings(dim=2, steps=config.surface_steps, span=span, seed=config.seed),
+        slice=SurfaceSettings(dim=1, steps=config.slice_steps, span=span, seed=config.seed),
+        interpolation=SurfaceSettings(steps=config.interpolation_steps, span=(-0.5, 1.5), seed=config.seed),
+        measures=MeasureSettings(measures=("m_sharpness",), ms=tuple(config.ms), rho=config.rho, seed=config.seed),
+    )
+
+
+def _check_chunk_sizes(config: CompareConfig, runs: Sequence[Path]) -> None:
+    """m-sharpness needs chunks no larger than the training split (``train_size`` in each run's config.json)."""
+    for run in runs:
+        derived = read_json(run / "config.json").get("derived")
+        size = derived.get("train_size") if isinstance(derived, dict) else None
+        if isinstance(size, int) and max(config.ms) > size:
+            raise ValueError(f"--m {max(config.ms)} is more than the {size} training examples of {run}; "
+                             f"choose chunk sizes up to {size}")
 
 
 def demo(out_dir: str | Path = "figures", runs_dir: str | Path = "runs", *, epochs: int = 30, device: str = "auto",

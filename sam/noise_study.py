@@ -57,6 +57,7 @@ from landscape.storage import (
     load_weights,
     read_json,
     read_jsonl,
+    remove_stale_temporaries,
 )
 
 from .data import load_dataset
@@ -336,6 +337,7 @@ def run_noise_study(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # tables and figures a killed study was writing
     config_path = out / "noise_study_config.json"
     _check_study_config(config, config_path)
     atomic_write_json(config_path, config.to_dict())
@@ -347,6 +349,8 @@ def run_noise_study(
         run_dir = out / "runs" / name
         start = time.perf_counter()
         trained = not _finished(run_dir, run_config)
+        if not trained:  # train() cleans the directories it trains in
+            remove_stale_temporaries(run_dir)
         if trained:
             callback = None if on_epoch_end is None else (lambda epoch, metrics, name=name: on_epoch_end(name, epoch, metrics))
             train(run_config, run_dir, resume=True, progress=progress, on_epoch_end=callback)

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .trainer import TrainConfig
+from .data import BUILT_IN_DATASETS
+from .trainer import DEFAULT_MODELS, TrainConfig
 
 __all__ = ["Preset", "PRESETS", "preset_config", "preset_names", "format_paper", "format_presets"]
 
@@ -193,8 +194,11 @@ def preset_config(name: str, **overrides: Any) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown TrainConfig fields {unknown} in the overrides of preset {name!r}; accepted: {sorted(names)}")
     values = {**preset.config, **overrides}
+    if "dataset" in overrides and "model" not in overrides \
+            and preset.config.get("model") == DEFAULT_MODELS[preset.config.get("dataset", "digits")]:
+        values["model"] = None  # the preset's model was its dataset's own: take the new dataset's
     dataset = values.get("dataset", "digits")
-    if dataset != "digits" and values.get("data_root") is None and not values.get("download", False):
+    if dataset not in BUILT_IN_DATASETS and values.get("data_root") is None and not values.get("download", False):
         folder = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/"}.get(dataset, "the files")
         raise ValueError(f"preset {name!r} trains on {dataset}, which is read from files: pass data_root (on the command "
                          f"line --data-root DIR, the directory holding {folder}) or download=True (--download)")

@@ -32,10 +32,16 @@ from typing import Any
 
 import numpy as np
 import torch.nn.functional as F
-from scipy.stats import kendalltau
 
 from landscape.sharpness import MeasureSettings, measure_all, measure_columns, sharpness_objective
-from landscape.storage import CorruptFileError, atomic_write_json, atomic_write_text, differing_keys, read_json
+from landscape.storage import (
+    CorruptFileError,
+    atomic_write_json,
+    atomic_write_text,
+    differing_keys,
+    read_json,
+    remove_stale_temporaries,
+)
 
 from .trainer import TrainConfig, load_run, resolve_device, train
 
@@ -159,6 +165,8 @@ def kendall_table(rows: list[dict[str, Any]], columns: list[str]) -> list[dict[s
     Each entry has ``measure``, ``m`` (``None`` for measures without chunks), and ``tau_{gap}`` /
     ``p_{gap}`` for every gap in :data:`GAPS` (``None`` when a column is constant).
     """
+    from scipy.stats import kendalltau  # here: scipy.stats takes most of a second to load, for every command
+
     table = []
     for column in columns:
         measure, _, m = column.partition("@m=")
@@ -216,6 +224,7 @@ def run_study(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # tables a killed study was writing (each run's directory: train() cleans it)
     config_path = out / "study_config.json"
     _check_study_config(config, config_path)
     atomic_write_json(config_path, config.to_dict())

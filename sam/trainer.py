@@ -55,7 +55,7 @@ from landscape.storage import (
 
 from . import __version__, distributed
 from ._checks import at_least, one_of
-from .data import DATASET_NAMES, DeviceLoader, Split, load_dataset
+from .data import BUILT_IN_DATASETS, DATASET_NAMES, DeviceLoader, Split, load_dataset
 from .models import available_models, build_model
 from .optim import BASE_OPTIMIZERS, OPTIMIZERS, SAM, available_optimizers, create, wrapper_arguments
 from .step import check_distributed_settings, train_step
@@ -76,6 +76,9 @@ __all__ = [
 ]
 
 SCHEDULES = ("cosine", "step", "constant")
+DEFAULT_MODELS: dict[str, str] = {"digits": "digits_cnn", "mnist1d": "mnist1d_mlp", "cifar10": "digits_cnn",
+                                  "cifar100": "digits_cnn"}
+"""The model a dataset gets when ``model`` is not given (the MNIST-1D paper's MLP for MNIST-1D)."""
 CUSTOM_MODEL = "custom"  # config.model when train() is handed the user's own nn.Module
 AMP_MODES = ("none", "bf16", "fp16")
 
@@ -104,7 +107,7 @@ class TrainConfig:
     augment: bool | None = None  # None: on for CIFAR, off for digits
     test_fraction: float = 0.2
 
-    model: str = "digits_cnn"
+    model: str | None = None  # None: the dataset's own (DEFAULT_MODELS)
     batchnorm: bool = True
     skip: bool = True
 
@@ -140,6 +143,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         one_of("dataset", self.dataset, DATASET_NAMES)
+        if self.model is None:
+            self.model = DEFAULT_MODELS[self.dataset]
         one_of("model", self.model, [*available_models(), CUSTOM_MODEL])
         one_of("optimizer", self.optimizer, available_optimizers())
         one_of("base_optimizer", self.base_optimizer, sorted(BASE_OPTIMIZERS))
@@ -166,12 +171,15 @@ class TrainConfig:
                 f"lr_milestones are increasing fractions of training in (0, 1); got {self.lr_milestones!r}"
             )
         self.lr_milestones = [float(f) for f in self.lr_milestones]
-        if self.dataset != "digits" and self.data_root is None and not self.download:
+        distributed.check_device_name(self.device)
+        if self.augment and self.dataset == "mnist1d":
+            raise ValueError("augment (pad-4 crop and flip of images) does not apply to mnist1d's 1-D signals")
+        if self.dataset not in BUILT_IN_DATASETS and self.data_root is None and not self.download:
             raise ValueError(f"dataset {self.dataset!r} needs data_root (a directory with the files) or download=True")
 
     @property
     def uses_augmentation(self) -> bool:
-        return self.augment if self.augment is not None else self.dataset != "digits"
+        return self.augment if self.augment is not None else self.dataset not in BUILT_IN_DATASETS
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -301,7 +309,9 @@ def train(
         config: the run's settings.
         out_dir: the run directory. It must not hold a finished epoch unless ``resume`` or ``overwrite``
             is True. A directory whose run never finished an epoch (killed early, or diverged in the
-            first epoch) holds nothing to keep: training starts there afresh.
+            first epoch) holds nothing to keep: training starts there afresh. Weights, metrics or
+            snapshots without ``state.pt`` (the commit point of an epoch) are kept too: a first epoch cut
+            short before its ``state.pt`` is trained again with ``resume``; anything more needs ``overwrite``.
         resume: continue the run saved in ``out_dir`` from its last finished epoch (the saved config
             must equal ``config``); with no run there yet, start one. A finished run is left as it is.
         overwrite: delete the run's files in ``out_dir`` (config, checkpoints, metrics, snapshots) and
@@ -322,7 +332,8 @@ def train(
         and every epoch's metrics.
 
     Raises:
-        FileExistsError: ``out_dir`` holds a finished epoch and neither ``resume`` nor ``overwrite`` is True.
+        FileExistsError: ``out_dir`` holds a finished epoch and neither ``resume`` nor ``overwrite`` is True,
+            or weights, metrics or snapshots without their ``state.pt`` (see ``out_dir``).
         ValueError: ``resume`` is True and ``out_dir`` holds a run with a different config.
         TrainingDiverged: the loss became NaN/inf; the checkpoint of the last good epoch is kept.
     """
@@ -399,20 +410,10 @@ def train(
     start_epoch = 0
     metrics: list[dict[str, Any]] = []
     if resume:
-        state = load_weights(state_path, map_location=device)
-        missing = sorted({"epoch", "model", "optimizer", "scheduler", "scaler", "rng_cpu"} - set(state)) if isinstance(
-            state, dict) else ["everything"]
-        if missing:
-            raise CorruptFileError(f"{state_path} is not a resume checkpoint of this trainer (missing {missing})")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        start_epoch = int(state["epoch"])
+        start_epoch = _load_resume_state(state_path, model, optimizer, scheduler, scaler, device, config)
         metrics = _read_metrics(metrics_path, before_epoch=start_epoch)
+        if distributed.is_main():
+            _remove_uncommitted_snapshots(out, start_epoch)
     elif distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         derived = {
@@ -459,9 +460,8 @@ def train(
         record.update(epoch=epoch + 1, test_loss=test_loss, test_acc=test_acc, lr=base.param_groups[0]["lr"])
         metrics.append(record)
         if distributed.is_main():
-            _write_checkpoint(out, model, optimizer, scheduler, scaler, epoch + 1, device, metrics)
-            if config.snapshot_every and (epoch + 1) % config.snapshot_every == 0:
-                atomic_torch_save(model.state_dict(), out / "snapshots" / f"epoch_{epoch + 1:04d}.pt")
+            snapshot = bool(config.snapshot_every) and (epoch + 1) % config.snapshot_every == 0
+            _write_checkpoint(out, model, optimizer, scheduler, scaler, epoch + 1, device, metrics, snapshot=snapshot)
         distributed.barrier()  # the checkpoint is on disk before any rank goes on (or stops)
         epochs.set_postfix(train_acc=f"{record['train_acc']:.3f}", test_acc=f"{test_acc:.3f}")
         if on_epoch_end is not None:
@@ -530,6 +530,59 @@ def _train_epoch(
     }
 
 
+def _load_resume_state(
+    state_path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    config: TrainConfig,
+) -> int:
+    """Load ``state.pt`` into the run's objects; the epoch it was saved after.
+
+    Raises:
+        CorruptFileError: one line naming ``state.pt`` and the part of it that does not fit.
+    """
+    state = load_weights(state_path, map_location=device)
+    missing = sorted({"epoch", "model", "optimizer", "scheduler", "scaler", "rng_cpu"} - set(state)) if isinstance(
+        state, dict) else ["everything"]
+    if missing:
+        raise CorruptFileError(f"{state_path} is not a resume checkpoint of this trainer (missing {missing})")
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= config.epochs:
+        raise CorruptFileError(f"{state_path} holds epoch {epoch!r}, not a finished epoch of a "
+                               f"{config.epochs}-epoch run")
+    _load_state_dict(model, state["model"], state_path, config.model)
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        try:
+            if not isinstance(state[name], dict):
+                raise TypeError(f"a {type(state[name]).__name__}, not a dict")
+            target.load_state_dict(state[name])
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as error:
+            raise CorruptFileError(f"{state_path}: its {name} state does not fit this {config.optimizer} run "
+                                   f"({type(error).__name__}: {_first_line(error)})") from None
+    rng = {"rng_cpu": state["rng_cpu"]}
+    if device.type == "cuda" and "rng_cuda" in state:
+        rng["rng_cuda"] = state["rng_cuda"]
+    for name, value in rng.items():
+        if not isinstance(value, Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+            raise CorruptFileError(f"{state_path} holds a {name} that is not a random-number generator state "
+                                   f"(a 1-D uint8 tensor); got {type(value).__name__}")
+    try:
+        torch.set_rng_state(rng["rng_cpu"].cpu())
+        if "rng_cuda" in rng:
+            torch.cuda.set_rng_state(rng["rng_cuda"].cpu(), device)
+    except (RuntimeError, ValueError) as error:
+        raise CorruptFileError(f"{state_path} holds a random-number generator state torch refuses "
+                               f"({_first_line(error)})") from None
+    return epoch
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 def _lr_lambda(step: int, *, total_steps: int, config: TrainConfig) -> float:
     return lr_factor(step, total_steps, config)
 
@@ -543,10 +596,16 @@ def _write_checkpoint(
     epoch: int,
     device: torch.device,
     metrics: list[dict[str, Any]],
+    *,
+    snapshot: bool = False,
 ) -> None:
-    """Metrics first, then the weights, then the resume state: ``state.pt`` is the commit point."""
+    """Metrics first, then the weights (and the epoch's snapshot), then the resume state: ``state.pt`` is the
+    commit point. A kill before it leaves the previous epoch's checkpoint in force, and the resumed run
+    writes this epoch's files again; a kill after it leaves every file of the epoch written."""
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
     atomic_torch_save(model.state_dict(), out / "model.pt")
+    if snapshot:
+        atomic_torch_save(model.state_dict(), out / "snapshots" / f"epoch_{epoch:04d}.pt")
     state: dict[str, Any] = {
         "epoch": epoch,
         "model": model.state_dict(),
@@ -560,15 +619,16 @@ def _write_checkpoint(
     atomic_torch_save(state, out / "state.pt")
 
 
-_RUN_FILES = ("config.json", "state.pt", "model.pt", "metrics.jsonl", "preset.json")
-
-
 def _resumable(out: Path, config: TrainConfig, replicas: int, *, resume: bool, overwrite: bool) -> bool:
     """Whether ``out`` holds a run to continue; refuses to overwrite one that finished an epoch.
 
-    A ``config.json`` without ``state.pt`` is a run that never finished an epoch (killed early, or
-    diverged in the first epoch): nothing in it is worth keeping, and training starts there afresh,
-    provided the ``config.json`` is one of ours.
+    ``state.pt`` is the commit point of every epoch. A directory without it that holds no weights, no
+    epoch's metrics and no snapshot is a run that never finished an epoch (killed early, or diverged in
+    the first epoch): nothing in it is worth keeping, and training starts there afresh, provided its
+    ``config.json`` is one of ours. Weights, metrics or snapshots without ``state.pt`` are kept (a run
+    whose ``state.pt`` was deleted, or an ``overwrite`` that was killed midway): training there needs
+    ``overwrite``, unless they are only the first epoch's checkpoint, cut short before its ``state.pt``,
+    and ``resume`` trains that epoch again.
     """
     state_path, config_path = out / "state.pt", out / "config.json"
     if out.exists() and not out.is_dir():
@@ -590,19 +650,68 @@ def _resumable(out: Path, config: TrainConfig, replicas: int, *, resume: bool, o
         except (ValueError, OSError) as error:
             raise FileExistsError(f"{out} already holds a run whose config.json cannot be read ({error}); it is "
                                   "not overwritten: choose another --out, or pass --overwrite") from None
-    return False
+    work = _uncommitted_work(out)
+    if not work:
+        return False
+    first_epoch = config_path.exists() and _at_most_first_epoch(out)
+    if resume and first_epoch:
+        _check_same_config(config, config_path)
+        return False
+    again = "pass --resume to train its first epoch again, " if first_epoch else ""
+    raise FileExistsError(f"{out} holds a run without its resume state (state.pt) but with {', '.join(work)}; it is "
+                          f"not overwritten: {again}pass --overwrite to train it again from scratch, or choose "
+                          "another --out")
+
+
+def _uncommitted_work(out: Path) -> list[str]:
+    """What of a run's results ``out`` holds: weights, an epoch's metrics, snapshots."""
+    work = []
+    if (out / "model.pt").exists():
+        work.append("model.pt")
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size and metrics.read_bytes().strip():
+        work.append("metrics.jsonl")
+    if any((out / "snapshots").glob("epoch_*.pt")):
+        work.append("snapshots/")
+    return work
+
+
+def _at_most_first_epoch(out: Path) -> bool:
+    """Whether the metrics and snapshots in ``out`` go no further than epoch 1."""
+    try:
+        records = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    except (ValueError, OSError):
+        return False
+    if any(not isinstance(r, dict) or r.get("epoch") not in (1,) for r in records):
+        return False
+    return all(p.name == "epoch_0001.pt" for p in (out / "snapshots").glob("epoch_*.pt"))
 
 
 def _discard_run(out: Path) -> None:
-    """Delete a run's own files (``overwrite=True``); analyses and other files in ``out`` stay."""
-    for name in _RUN_FILES:
-        (out / name).unlink(missing_ok=True)
+    """Delete a run's own files (``overwrite=True``); analyses and other files in ``out`` stay.
+
+    ``state.pt`` goes first: a discard killed midway never leaves a run that resumes with some of its
+    files gone. Then the snapshots, the weights and the metrics, which without ``state.pt`` make the
+    directory one that is refused without ``overwrite``; ``config.json`` last, so that until then what
+    is left is still known to be a run.
+    """
+    (out / "state.pt").unlink(missing_ok=True)
     snapshots = out / "snapshots"
-    for snapshot in snapshots.glob("epoch_*.pt"):
-        snapshot.unlink()
+    for snapshot in sorted(snapshots.glob("epoch_*.pt")):
+        snapshot.unlink(missing_ok=True)
     remove_stale_temporaries(snapshots)
     if snapshots.is_dir() and not any(snapshots.iterdir()):
         snapshots.rmdir()
+    for name in ("preset.json", "model.pt", "metrics.jsonl", "config.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _remove_uncommitted_snapshots(out: Path, epoch: int) -> None:
+    """Delete the snapshots of epochs after ``epoch``: written by a run killed before their ``state.pt``."""
+    for snapshot in (out / "snapshots").glob("epoch_*.pt"):
+        number = snapshot.stem.removeprefix("epoch_")
+        if number.isdigit() and int(number) > epoch:
+            snapshot.unlink(missing_ok=True)
 
 
 def _check_same_replicas(config: TrainConfig, config_path: Path, replicas: int) -> None:
@@ -611,7 +720,11 @@ def _check_same_replicas(config: TrainConfig, config_path: Path, replicas: int) 
     It would with per-replica perturbations (SAM's ``m`` is the per-replica batch) and with BatchNorm
     (its batch statistics are per replica).
     """
-    saved = _read_run_json(config_path).get("derived", {}).get("world_size", 1)
+    derived = _read_run_json(config_path).get("derived", {})
+    saved = derived.get("world_size", 1) if isinstance(derived, dict) else None
+    if isinstance(saved, bool) or not isinstance(saved, int) or saved < 1:
+        raise CorruptFileError(f"{config_path} holds no 'derived' object with the number of processes (world_size, "
+                               "an integer >= 1): it was not written by sam-landscape train, or was edited")
     if saved == replicas:
         return
     reasons = []

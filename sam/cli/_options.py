@@ -7,32 +7,37 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
+from landscape.distributed import check_device_name
 from landscape.sharpness import MEASURES, MeasureSettings
 
 from ..analyses import Inputs
 from ..subjects import Subject, callable_subject
 from ..compare import CompareConfig
-from ..data import DATASET_NAMES
+from ..data import BUILT_IN_DATASETS, DATASET_NAMES
 from ..models import available_models
 from ..optim import BASE_OPTIMIZERS, available_optimizers
 from ..presets import preset_config
-from ..trainer import AMP_MODES, SCHEDULES, TrainConfig, resolve_device
+from ..trainer import AMP_MODES, DEFAULT_MODELS, SCHEDULES, TrainConfig, resolve_device
 
 PROG = "sam-landscape"
 EXIT_USAGE = 2
+T = TypeVar("T")
 
 _TRAIN_HELP: dict[str, str] = {
-    "dataset": "dataset to train on; digits is scikit-learn's bundled 8x8 handwritten digits (no download)",
-    "data_root": "directory holding the CIFAR files (cifar-10-batches-py/ or cifar-100-python/)",
+    "dataset": "dataset to train on; digits is scikit-learn's bundled 8x8 handwritten digits, mnist1d is MNIST-1D "
+    "from its procedural generator (neither downloads anything)",
+    "data_root": "directory holding the CIFAR files (cifar-10-batches-py/ or cifar-100-python/); for mnist1d, where "
+    "the generated data are cached",
     "download": "download CIFAR into --data-root if missing (needs the [vision] extra: torchvision)",
     "label_noise": "fraction of training labels flipped to another class (symmetric noise, seeded)",
-    "augment": "pad-4 random crop + flip on the device; default: on for CIFAR, off for digits",
+    "augment": "pad-4 random crop + flip on the device; default: on for CIFAR, off for digits and mnist1d",
     "test_fraction": "held-out fraction of digits used as the test split (stratified)",
-    "model": "network architecture",
+    "model": "network architecture; default: the dataset's own (digits_cnn; mnist1d_mlp for mnist1d)",
     "batchnorm": "use BatchNorm (--no-batchnorm builds the variant without it)",
     "skip": "use skip connections (--no-skip builds Li et al.'s noshort ResNets)",
     "optimizer": "plain base optimizer or SAM variant",
@@ -102,6 +107,35 @@ def one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+_NAMED = re.compile(r"^(?:(?P<unknown>unknown )(?P<choice>[a-z][a-z0-9_]*) |(?P<name>[a-z][a-z0-9_]*)(?= must | are ))")
+
+
+def named_by_flag(build: Callable[[], T], names: Iterable[str], flags: Mapping[str, str] | None = None) -> T:
+    """``build()`` (a settings dataclass made from the flags), its error prefixed with the flag to change.
+
+    The dataclasses name their fields (``epochs must be an integer >= 1``); on the command line the
+    message starts with the flag too (``--epochs: epochs must be an integer >= 1``). ``names`` are the
+    fields that have a flag of the same name with dashes; ``flags`` maps other names (``ms`` is ``--m``).
+
+    Example:
+        >>> named_by_flag(lambda: TrainConfig(epochs=0), ["epochs"])
+        Traceback (most recent call last):
+        ...
+        ValueError: --epochs: epochs must be an integer >= 1; got 0
+    """
+    known = {name: "--" + name.replace("_", "-") for name in names} | dict(flags or {})
+    try:
+        return build()
+    except ValueError as error:
+        message = str(error)
+        found = _NAMED.match(message)
+        name = found and (found["choice"] or found["name"])
+        if name not in known:
+            raise
+        flag = known[name]
+        raise ValueError(f"{flag}: {message}") from None
+
+
 def add_command(commands: Any, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
     """A subcommand's parser, with the shared error handling and help formatting."""
     return commands.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
@@ -122,6 +156,14 @@ def positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1; got {number}")
     return number
+
+
+def device_name(value: str) -> str:
+    """An argparse type: ``auto`` or a device torch knows (``torch.device`` would raise a RuntimeError later)."""
+    try:
+        return check_device_name(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -158,6 +200,8 @@ def add_train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | Non
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        if f.name == "model" and default == DEFAULT_MODELS[defaults.dataset]:
+            default = None  # the dataset's own, resolved by TrainConfig once --dataset is known
         kwargs: dict[str, Any] = {"dest": f.name, "help": _TRAIN_HELP[f.name], "default": default,
                                   "action": _StoreExplicit}
         if f.name in _CHOICES:
@@ -166,8 +210,8 @@ def add_train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | Non
             kwargs["action"] = _BooleanExplicit
         elif isinstance(default, list):
             kwargs.update(type=float, nargs="+")
-        elif f.name == "data_root":
-            kwargs["type"] = str
+        elif f.name in ("data_root", "device"):
+            kwargs["type"] = device_name if f.name == "device" else str
         elif f.name in ("rho", "rho_min", "max_grad_norm") or isinstance(default, float):
             kwargs["type"] = float
         elif isinstance(default, int):
@@ -180,13 +224,16 @@ def resolve_train_config(args: argparse.Namespace, defaults: TrainConfig | None 
     every flag's value (its default where not given)."""
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     if getattr(args, "preset", None) is not None:
-        return preset_config(args.preset, **{k: getattr(args, k) for k in fields if k in args.explicit})
+        return named_by_flag(lambda: preset_config(args.preset, **{k: getattr(args, k) for k in fields
+                                                                    if k in args.explicit}), fields)
     values = {k: getattr(args, k) for k in fields if hasattr(args, k)}
-    if values.get("dataset", "digits") != "digits" and values.get("data_root") is None and not values.get("download"):
+    if values.get("dataset", "digits") not in BUILT_IN_DATASETS and values.get("data_root") is None \
+            and not values.get("download"):
         folder = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/"}.get(values["dataset"], "the files")
         raise ValueError(f"--dataset {values['dataset']} is read from files: pass --data-root DIR (the directory "
                          f"holding {folder}) or --download to fetch it there")
-    return dataclasses.replace(TrainConfig() if defaults is None else defaults, **values)
+    return named_by_flag(lambda: dataclasses.replace(TrainConfig() if defaults is None else defaults, **values),
+                         fields)
 
 
 # ------------------------------------------------------------------------------------------- analyses
@@ -218,7 +265,8 @@ def add_analysis_flags(parser: argparse.ArgumentParser, name: str, *, batch_help
     parser.add_argument("--split", choices=["train", "test"], default="train", help="data split to analyse")
     parser.add_argument("--batch-size", type=positive_int, default=2048, help=batch_help)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="precision of the analysis")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--out", type=Path, default=None,
                         help=f"where to write the {name} files (default: the run directory)")
@@ -230,9 +278,10 @@ def analysis_inputs(args: argparse.Namespace) -> Inputs:
     if args.memory_budget is not None and not args.memory_budget > 0:
         raise ValueError(f"--memory-budget takes a number of gigabytes > 0; got {args.memory_budget}")
     budget = int(args.memory_budget * 2**30) if args.memory_budget is not None else None
-    return Inputs(split=args.split, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-                  params=tuple(args.params) if args.params is not None else None, stream=args.stream,
-                  memory_budget=budget)
+    return named_by_flag(lambda: Inputs(split=args.split, batch_size=args.batch_size, dtype=args.dtype,
+                                        device=args.device, params=tuple(args.params) if args.params is not None
+                                        else None, stream=args.stream, memory_budget=budget),
+                         ["split", "batch_size", "dtype", "device", "params", "memory_budget"])
 
 
 def analysis_subject(args: argparse.Namespace) -> Path | Subject:
@@ -280,8 +329,8 @@ def add_measure_flags(parser: argparse.ArgumentParser, defaults: MeasureSettings
 
 def measure_settings(args: argparse.Namespace) -> MeasureSettings:
     names = [f.name for f in dataclasses.fields(MeasureSettings)]
-    return MeasureSettings(**{name: tuple(getattr(args, name)) if name in ("measures", "ms") else getattr(args, name)
-                              for name in names})
+    values = {name: tuple(getattr(args, name)) if name in ("measures", "ms") else getattr(args, name) for name in names}
+    return named_by_flag(lambda: MeasureSettings(**values), names, {"ms": "--m", "m": "--m"})
 
 
 # ------------------------------------------------------------------------------------------- comparing
@@ -303,7 +352,8 @@ def add_compare_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rho", type=float, default=defaults.rho, help="radius of m-sharpness")
     parser.add_argument("--zmax", type=float, default=None, help="loss cap of the surface figures (default: the largest loss)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the directions and random vectors")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="auto (cuda if available), cpu, cuda or cuda:N")
     add_progress_flag(parser)
 
 

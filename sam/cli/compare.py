@@ -27,6 +27,9 @@ def register(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--study", type=Path, default=None, help="a sam-landscape study directory: adds Kendall tau against m")
     parser.add_argument("--noise-study", type=Path, default=None,
                         help="a label-noise study directory (or its noise_study.json): adds accuracy against noise")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="compute every analysis under OUT/analyses again instead of reusing it (needed when "
+                        "they were made with other settings or from other checkpoints)")
     add_compare_flags(parser)
     parser.set_defaults(handler=run)
     return parser
@@ -35,5 +38,5 @@ def register(commands: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     compare(args.run_a, args.run_b, args.out, compare_config(args),
             labels=tuple(args.labels) if args.labels is not None else None, study_dir=args.study,
-            noise_study=args.noise_study, progress=args.progress)
+            noise_study=args.noise_study, overwrite=args.overwrite, progress=args.progress)
     return 0

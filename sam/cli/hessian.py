@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from landscape import distributed
 
 from ..analyses import HessianSettings, hessian_analysis
-from ._options import add_analysis_flags, add_command, analysis_inputs, analysis_subject, positive_int
+from ._options import add_analysis_flags, add_command, analysis_inputs, analysis_subject, named_by_flag, positive_int
 
 NAME = "hessian"
 
@@ -44,10 +45,8 @@ def register(commands: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the saved analysis and --overwrite discards it: pass one of them")
-    settings = HessianSettings(k=args.k, which=args.which, tol=args.tol, method=args.method,
-                               max_matvecs=args.max_matvecs, trace=args.trace, trace_method=args.trace_method,
-                               trace_matvecs=args.trace_matvecs, density=args.density, density_runs=args.density_runs,
-                               density_steps=args.density_steps, seed=args.seed)
+    names = [f.name for f in dataclasses.fields(HessianSettings)]
+    settings = named_by_flag(lambda: HessianSettings(**{name: getattr(args, name) for name in names}), names)
     saved = hessian_analysis(analysis_subject(args), settings, analysis_inputs(args), args.out,
                              overwrite=args.overwrite, resume=args.resume, progress=args.progress)
     if not distributed.is_main():

@@ -10,7 +10,7 @@ from typing import Any
 from ..data import DATASET_NAMES
 from ..models import available_models
 from ..study import StudyConfig, format_kendall, run_study
-from ._options import add_command, add_measure_flags, add_progress_flag, measure_settings
+from ._options import add_command, add_measure_flags, add_progress_flag, device_name, measure_settings
 
 NAME = "study"
 
@@ -43,7 +43,8 @@ def register(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=list(DATASET_NAMES), default="digits", help="dataset")
     parser.add_argument("--data-root", default=None, help="directory holding the CIFAR files")
     parser.add_argument("--model", choices=available_models(), default="digits_cnn", help="network architecture")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="training seed, seed of the model draw and of the measures")
     add_measure_flags(parser, defaults.measures)
     add_progress_flag(parser)

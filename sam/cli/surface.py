@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from landscape import distributed
 
 from ..analyses import SurfaceSettings, surface_analysis
-from ._options import add_analysis_flags, add_command, analysis_inputs, analysis_subject, positive_int
+from ._options import add_analysis_flags, add_command, analysis_inputs, analysis_subject, named_by_flag, positive_int
 
 NAME = "surface"
 
@@ -34,9 +35,11 @@ def register(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--directions", choices=["random", "hessian", "pca"], default="random",
                         help="random: seeded filter-normalised; hessian: top Hessian eigenvectors; "
                         "pca: principal directions of the run's snapshots/ (trajectory saved in the JSON)")
-    parser.add_argument("--compare", type=Path, default=None,
-                        help="another run: the same direction recipe on its minimum (written beside it)")
-    parser.add_argument("--interpolate", type=Path, default=None,
+    parser.add_argument("--compare", type=Path, default=None, metavar="RUN",
+                        help="a second run (e.g. SAM beside SGD): its surface along the same direction recipe "
+                        "(--directions, --seed, --norm, --ignore, --span, --steps) around its own minimum, written "
+                        "beside it (or into --out/LABEL); with --plot both are drawn on one z-range")
+    parser.add_argument("--interpolate", type=Path, default=None, metavar="RUN",
                         help="another run: the loss along w_a + t (w_b - w_a) instead of a random slice")
     parser.add_argument("--interpolate-buffers", choices=["interpolate", "a"], default=None,
                         help="interpolation: move BatchNorm statistics along the line too, or keep the first run's (default: interpolate)")
@@ -57,10 +60,9 @@ def run(args: argparse.Namespace) -> int:
     if args.compare is not None and args.interpolate is not None:
         raise ValueError("use either --compare or --interpolate, not both")
     check_direction_flags(args)
-    settings = SurfaceSettings(dim=args.dim, steps=args.steps, span=tuple(args.span), directions=args.directions,
-                               norm=args.norm, ignore=args.ignore, orthogonal=args.orthogonal,
-                               interpolate_buffers=args.interpolate_buffers, points_per_pass=args.points_per_pass,
-                               bf16=args.bf16, seed=args.seed)
+    names = [f.name for f in dataclasses.fields(SurfaceSettings)]
+    values = {name: tuple(args.span) if name == "span" else getattr(args, name) for name in names}
+    settings = named_by_flag(lambda: SurfaceSettings(**values), names)
     main_process = distributed.is_main()
 
     def note(line: str) -> None:

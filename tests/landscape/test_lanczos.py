@@ -384,6 +384,20 @@ def test_generic_operator_protocol_and_seed_reproducibility() -> None:
     assert torch.equal(first.eigenvalues, again.eigenvalues) and first.n_matvecs == again.n_matvecs
 
 
+def test_progress_in_a_log_counts_converged_eigenvalues_not_the_budget(capsys) -> None:
+    """The budget of products is a cap rarely reached: a bar over it would print nothing in a log."""
+    d = torch.linspace(0.0, 1.0, 300, dtype=F64)
+    d[-3:] = torch.tensor([3.0, 4.0, 5.0], dtype=F64)
+    result = top_eigenpairs(_Diagonal(d), k=3, tol=1e-8, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert result.n_matvecs < 100 and lines, lines
+    assert all(line.startswith("lanczos top-3 LA: ") for line in lines)
+    counts = [int(line.split("(")[1].split("/")[0]) for line in lines]
+    assert counts == sorted(counts) and counts[-1] == 3
+    assert lines[-1].startswith("lanczos top-3 LA: 100% (3/3 eigenvalues, ")
+    assert f"matvecs={result.n_matvecs} rel_res=verified" in lines[-1]
+
+
 def test_top_eigenpairs_rejects_bad_arguments() -> None:
     op = _op(np.diag(np.arange(1.0, 11.0)))
     with pytest.raises(ValueError, match=r"k must be an integer with 1 <= k <= n = 10.*k=0"):

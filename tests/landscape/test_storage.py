@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
@@ -18,20 +21,109 @@ def _dead_pid() -> int:
     return int(done.stdout)
 
 
-def test_stale_temporaries_of_dead_writers_are_removed_and_nothing_else(tmp_path):
+def _other_host() -> str:
+    return "0" * 8 if storage._host_id() != "0" * 8 else "1" * 8
+
+
+@contextlib.contextmanager
+def _held(path):
+    """``path`` open and locked, as a live writer holds its temporary file (a no-op without fcntl)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if storage.fcntl is not None:
+            storage.fcntl.flock(fd, storage.fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("locks", [True, False], ids=["flock", "without-fcntl"])
+def test_stale_temporaries_of_dead_writers_are_removed_and_nothing_else(tmp_path, monkeypatch, locks):
+    if not locks:  # a platform without fcntl (Windows): the process id in the name decides
+        monkeypatch.setattr(storage, "fcntl", None)
     host = storage._host_id()
     dead = tmp_path / f".model.pt.{host}.{_dead_pid()}.abcd1234.tmp"
     alive = tmp_path / f".model.pt.{host}.{os.getpid()}.abcd1234.tmp"
-    elsewhere = tmp_path / f".model.pt.{'0' * 8 if host != '0' * 8 else '1' * 8}.{_dead_pid()}.abcd1234.tmp"
+    elsewhere = tmp_path / f".model.pt.{_other_host()}.{_dead_pid()}.abcd1234.tmp"
     foreign = tmp_path / ".notes.tmp"
     (tmp_path / "sub").mkdir()
     nested = tmp_path / "sub" / f".state.pt.{host}.{_dead_pid()}.zz_9zz9z.tmp"
     for path in (dead, alive, elsewhere, foreign, nested):
         path.write_bytes(b"")
-    assert storage.remove_stale_temporaries(tmp_path) == [dead]
-    assert alive.exists() and elsewhere.exists() and foreign.exists() and nested.exists()
-    assert storage.remove_stale_temporaries(tmp_path, recursive=True) == [nested]
+    with _held(alive):  # its writer is alive and writing
+        assert storage.remove_stale_temporaries(tmp_path) == [dead]
+        assert alive.exists() and elsewhere.exists() and foreign.exists() and nested.exists()
+        assert storage.remove_stale_temporaries(tmp_path, recursive=True) == [nested]
     assert storage.remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_the_lock_not_the_process_id_tells_a_live_writer_in_a_container(tmp_path):
+    """Every writer in a container may be PID 1: a dead one's file is stale, a live one's is not."""
+    host = storage._host_id()
+    killed = tmp_path / f".model.pt.{host}.1.abcd1234.tmp"  # its process was killed with its container
+    writing = tmp_path / f".state.pt.{host}.1.efgh5678.tmp"
+    mine = tmp_path / f".metrics.jsonl.{host}.{os.getpid()}.ijkl9012.tmp"  # left by an earlier PID 1
+    dead_but_held = tmp_path / f".config.json.{host}.{_dead_pid()}.mnop3456.tmp"  # e.g. a forked child holds it
+    for path in (killed, writing, mine, dead_but_held):
+        path.write_bytes(b"")
+    with _held(writing), _held(dead_but_held):
+        assert sorted(storage.remove_stale_temporaries(tmp_path)) == sorted([killed, mine])
+    assert writing.exists() and dead_but_held.exists()
+
+
+def test_a_temporary_file_of_another_host_is_removed_only_when_free_and_old(tmp_path):
+    fresh = tmp_path / f".model.pt.{_other_host()}.7.abcd1234.tmp"
+    old = tmp_path / f".state.pt.{_other_host()}.7.efgh5678.tmp"
+    old_held = tmp_path / f".config.json.{_other_host()}.7.ijkl9012.tmp"
+    for path in (fresh, old, old_held):
+        path.write_bytes(b"")
+    for path in (old, old_held):
+        os.utime(path, (time.time() - 2 * 3600, time.time() - 2 * 3600))
+    with _held(old_held):
+        assert storage.remove_stale_temporaries(tmp_path) == [old]
+    assert fresh.exists() and old_held.exists()
+
+
+def test_a_writer_holds_its_temporary_file_until_the_rename(tmp_path, monkeypatch):
+    """A cleaner running while a file is written (here: a dead process id in the name) leaves it alone."""
+    dead = _dead_pid()
+    monkeypatch.setattr(storage, "_temporary_prefix", lambda path: f".{path.name}.{storage._host_id()}.{dead}.")
+    removed = []
+
+    def write(f):
+        f.write(b"weights")
+        removed.extend(storage.remove_stale_temporaries(tmp_path))
+
+    storage.atomic_write(tmp_path / "model.pt", write)
+    assert removed == [] and (tmp_path / "model.pt").read_bytes() == b"weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+@pytest.mark.skipif(storage.fcntl is None, reason="without fcntl there is no lock to race for")
+def test_a_writer_whose_new_file_a_cleaner_deleted_takes_another(tmp_path, monkeypatch):
+    made = []
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(**kwargs):
+        fd, name = real_mkstemp(**kwargs)
+        made.append(name)
+        if len(made) == 1:  # a cleaner locked and deleted it before the writer could lock it
+            os.unlink(name)
+        return fd, name
+
+    monkeypatch.setattr(storage.tempfile, "mkstemp", mkstemp)
+    storage.atomic_write_text(tmp_path / "metrics.jsonl", "{}\n")
+    assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
+    assert len(made) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_the_umask_is_read_once_not_on_every_write(tmp_path, monkeypatch):
+    def umask(mask):
+        raise AssertionError("os.umask called during a write (it changes the mask for every thread)")
+
+    monkeypatch.setattr(os, "umask", umask)
+    storage.atomic_write_text(tmp_path / "a.json", "{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~storage._UMASK
 
 
 def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path):

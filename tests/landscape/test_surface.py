@@ -237,6 +237,43 @@ def test_a_run_killed_between_its_two_files_resumes_and_nan_points_count_as_done
         surface.slice_1d(model, F.cross_entropy, data, **{**kwargs, "path": tmp_path / "old"})
 
 
+@pytest.mark.parametrize("written", ["[]", '"done"', '{"points_done": "all"}', "{", b"\xff\xfe", "directory"])
+def test_a_surface_json_that_is_not_its_metadata_is_written_again_from_the_npz(tmp_path, written):
+    """The .npz holds the recipe and the values; whatever is at the .json is replaced, never a traceback."""
+    model, data = small_cnn(), cnn_data(n=12)
+    kwargs = {"steps": 3, "seed": 1, "dtype": F64, "progress": False, "path": tmp_path / "line"}
+    first = surface.slice_1d(model, F.cross_entropy, data, **kwargs)
+    json_path = tmp_path / "line.json"
+    json_path.unlink()
+    if written == "directory":
+        json_path.mkdir()
+        assert surface._json_behind(json_path, np.ones(3, dtype=bool))
+        json_path.rmdir()
+    elif isinstance(written, bytes):
+        json_path.write_bytes(written)
+    else:
+        json_path.write_text(written)
+    if written != "directory":
+        assert surface._json_behind(json_path, np.ones(3, dtype=bool))
+        if written == "[]":
+            with pytest.raises(ValueError, match=r"line.json holds a JSON list, not the surface's metadata"):
+                surface.load(tmp_path / "line")
+    again = surface.slice_1d(model, F.cross_entropy, data, **kwargs)
+    np.testing.assert_array_equal(again.loss, first.loss)
+    assert json.loads(json_path.read_text())["points_done"] == 3 and again.computed == 0
+
+
+def test_surface_progress_names_what_is_computed(tmp_path, capsys):
+    model, data = small_cnn(), cnn_data(n=12)
+    surface.slice_2d(model, F.cross_entropy, data, steps=(2, 2), dtype=F64, path=tmp_path / "grid")
+    surface.slice_1d(model, F.cross_entropy, data, steps=2, dtype=F64)
+    surface.interpolate(model, small_cnn(), F.cross_entropy, data, steps=2, dtype=F64)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("surface: interpolation of loss and accuracy: 100% (2/2 pt")
+    assert any(line.startswith("surface: 1D slice of loss and accuracy: 100% (2/2 pt") for line in lines)
+    assert any(line.startswith("surface: 2D grid of loss and accuracy (grid): 100% (4/4 pt") for line in lines)
+
+
 def test_an_interpolation_resumes_its_undone_points_only(tmp_path, monkeypatch):
     a, b = small_cnn(seed=0), small_cnn(seed=1)
     kwargs = dict(steps=6, dtype=F64, points_per_pass=2, progress=False, path=tmp_path / "path")

@@ -235,3 +235,13 @@ def test_argument_validation(call, error, match):
     op = DenseOperator(torch.eye(4, dtype=torch.float64))
     with pytest.raises(error, match=match):
         call(op)
+
+
+def test_hutch_plus_plus_progress_counts_its_products(capsys):
+    generic = torch.randn(30, 30, dtype=torch.float64)
+    hutch_plus_plus(DenseOperator(generic + generic.T), n_matvecs=30, seed=0, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("(")[1].split(" ")[0] for line in lines] == ["10/30", "20/30", "30/30"]
+    assert all(line.startswith("hutch++: ") and "matvec" in line for line in lines)
+    hutch_plus_plus(DenseOperator(generic + generic.T), n_matvecs=30, seed=0)
+    assert capsys.readouterr().err == ""  # off by default, as before

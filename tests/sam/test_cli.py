@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +32,8 @@ def test_help_documents_every_flag_with_its_default(capsys):
         value = getattr(defaults, f.name)
         if isinstance(value, bool):
             assert f"{flag} | --no-{f.name.replace('_', '-')}" in text
+        elif f.name == "model":  # it depends on --dataset
+            assert "--model {" in text and "default: the dataset's own (digits_cnn; mnist1d_mlp for mnist1d)" in text
         elif value is not None:
             rendered = str(value) if not isinstance(value, list) else str(value)
             assert f"(default: {rendered})" in text, f.name
@@ -106,6 +109,16 @@ def test_module_entry_point_matches_console_script(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sam.cli", "train", "--help"], capture_output=True, text=True, check=True)
     assert "--optimizer" in done.stdout
     assert build_parser().prog == "sam-landscape"
+
+
+def _stale_temporary(directory, name: str):
+    """A temporary file of an atomic write whose writer was killed (PID 1, as in a container: alive, but not
+    holding the file's lock)."""
+    from landscape.storage import _host_id
+
+    path = directory / f".{name}.{_host_id()}.1.abcd1234.tmp"
+    path.write_bytes(b"half written")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -298,8 +311,9 @@ def test_study_command_runs_a_small_study_and_resumes(tmp_path, capsys):
 
     model = tmp_path / "study" / "runs" / "sgd-lr0.05-bs128-wd0" / "model.pt"
     stamp = model.stat().st_mtime_ns
+    stale = _stale_temporary(tmp_path / "study", "study.json")  # a table a killed study was writing
     assert main(argv) == 0  # resumed: nothing retrained
-    assert model.stat().st_mtime_ns == stamp
+    assert model.stat().st_mtime_ns == stamp and not stale.exists()
     assert main([*argv, "--rho", "0.1"]) == 2  # another recipe in the same directory
     err = capsys.readouterr().err
     assert "holds a study with different settings (measures)" in err
@@ -364,6 +378,7 @@ def test_compare_command_writes_every_figure_and_the_report_and_reuses_analyses(
     assert main(["compare", str(tmp_path / "nope"), str(other), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "is not a run directory" in err
+
 
 
 def test_train_with_a_preset_saves_the_resolved_config_and_explicit_flags_win(tmp_path, capsys):
@@ -434,9 +449,11 @@ def test_noise_study_command_writes_the_table_compare_reads_and_refuses_another_
     saved = json.loads((out / "runs" / "sam-noise0.5-seed0" / "config.json").read_text())["config"]
     assert (saved["label_noise"], saved["rho"], saved["epochs"], saved["batch_size"]) == (0.5, 0.1, 1, 256)
     stamp = (out / "runs" / "sgd-noise0-seed0" / "model.pt").stat().st_mtime_ns
+    stale = [_stale_temporary(out, "noise_study.json"), _stale_temporary(out / "runs" / "sgd-noise0-seed0", "state.pt")]
     assert main(argv) == 0  # resumed: nothing to train
     assert "finished before: not retrained" in capsys.readouterr().out
     assert (out / "runs" / "sgd-noise0-seed0" / "model.pt").stat().st_mtime_ns == stamp
+    assert not any(path.exists() for path in stale)
 
     assert main([*argv, "--lr", "0.2", "--rhos", "sam=0.05"]) == 2
     err = capsys.readouterr().err
@@ -540,11 +557,23 @@ def test_a_run_that_diverges_leaves_a_directory_the_same_command_reruns(tmp_path
 def test_an_interrupted_hessian_analysis_resumes_from_its_last_stage(trained_run, tmp_path, monkeypatch, capsys):
     import numpy as np
 
+    import landscape._results
     import sam.analyses
 
     flags = ["hessian", str(trained_run), "--k", "2", "--trace-matvecs", "6", "--density", "--density-runs", "3",
              "--density-steps", "5", "--split", "test", "--no-progress"]
-    assert main([*flags, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*flags[:-1], "--out", str(tmp_path / "whole")]) == 0  # with progress: lines in a log
+    # Lanczos counts converged eigenvalues (its budget of products is a cap, not a total), Hutch++ its products,
+    # and every finished stage is a line
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.split(":")[0] in ("lanczos top-2 LA", "hutch++", "hessian") for line in lines), lines
+    lanczos = [line for line in lines if line.startswith("lanczos top-2 LA: ")]
+    assert lanczos[-1].startswith("lanczos top-2 LA: 100% (2/2 eigenvalues, ") and "matvecs=" in lanczos[-1]
+    assert [line for line in lines if line.startswith("hutch++: ")][-1].startswith("hutch++: 100% (6/6 matvec, ")
+    stages = [line for line in lines if line.startswith("hessian: ")]
+    assert [line.split("(")[1].split(",")[0] for line in stages] == [f"{i}/5 stages" for i in range(1, 6)]
+    assert "lanczos top-2 LA eigenvalues done, first" in stages[0] and "trace (hutch++) done" in stages[1]
+    assert "density (SLQ) run 3 of 3 done" in stages[-1]
     real_slq, real_top = sam.analyses.slq_nodes, sam.analyses.hessian.top_eigenvalues
     calls = {"slq": 0, "lanczos": 0}
 
@@ -568,6 +597,20 @@ def test_an_interrupted_hessian_analysis_resumes_from_its_last_stage(trained_run
     assert "pass --resume to continue it, or --overwrite to start again" in capsys.readouterr().err
     assert main([*flags, "--out", str(out), "--k", "3", "--resume"]) == 2
     assert "was started with other settings (differs in ['k'])" in capsys.readouterr().err
+    # killed between hessian.npz and hessian.json, the commit point: a lone .npz is no result, the stages resume
+    real_json = landscape._results.atomic_write_json
+
+    def killed_before_the_json(path, obj):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(landscape._results, "atomic_write_json", killed_before_the_json)
+    assert main([*flags, "--out", str(out), "--resume"]) == 130
+    monkeypatch.setattr(landscape._results, "atomic_write_json", real_json)
+    assert (out / "hessian.npz").exists() and (out / "hessian.partial.pt").exists()
+    assert not (out / "hessian.json").exists()
+    capsys.readouterr()
+    assert main([*flags, "--out", str(out)]) == 2
+    assert "hessian.partial.pt holds an interrupted Hessian analysis; pass --resume" in capsys.readouterr().err
     assert main([*flags, "--out", str(out), "--resume"]) == 0
     assert calls == {"slq": 4, "lanczos": 1}  # neither Lanczos nor the first SLQ run was repeated
     assert not (out / "hessian.partial.pt").exists()
@@ -579,10 +622,121 @@ def test_an_interrupted_hessian_analysis_resumes_from_its_last_stage(trained_run
     assert "already complete, nothing recomputed" in capsys.readouterr().out and calls["lanczos"] == 1
     assert main([*flags, "--out", str(out), "--seed", "1", "--resume"]) == 2
     assert "holds results of other settings (differs in ['seed'])" in capsys.readouterr().err
+    # killed after the .json, before the stages were deleted: the result is finished, the stray stages go
+    torch.save({"recipe": {}}, out / "hessian.partial.pt")
+    assert main([*flags, "--out", str(out), "--resume"]) == 0
+    assert "already complete, nothing recomputed" in capsys.readouterr().out
+    assert not (out / "hessian.partial.pt").exists() and calls["lanczos"] == 1
+    (out / "hessian.json").write_text(json.dumps({"recipe": [1, 2]}))
+    assert main([*flags, "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "hessian.json holds no 'recipe' object" in err
+
+
+def test_a_sharpness_npz_without_its_json_is_an_unfinished_result_and_replaced(trained_run, tmp_path, capsys):
+    out = tmp_path / "sharp"
+    out.mkdir()
+    (out / "sharpness.npz").write_bytes(b"PK\x03\x04 written before the kill")
+    argv = ["sharpness", str(trained_run), "--measures", "m_sharpness", "--m", "64", "--split", "test", "--out",
+            str(out), "--no-progress"]
+    assert main(argv) == 0
+    import numpy as np
+
+    assert np.load(out / "sharpness.npz")["m_sharpness_m64"].shape == (5,)
+    assert json.loads((out / "sharpness.json").read_text())["settings"]["ms"] == [64]
+    (out / "sharpness.npz").unlink()
+    assert main(argv) == 2  # the .json is the result: never replaced silently, even without its .npz
+    assert "sharpness.json already exists (without sharpness.npz, which is written before it); pass --overwrite" in (
+        capsys.readouterr().err)
+
+
+def test_compare_reads_and_checks_everything_else_before_any_analysis(trained_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import sam.compare
+
+    def no_analysis(*args, **kwargs):
+        raise AssertionError("an analysis started before the inputs were checked")
+
+    for name in ("hessian_analysis", "surface_analysis", "sharpness_analysis"):
+        monkeypatch.setattr(sam.compare, name, no_analysis)
+    other = tmp_path / "other"
+    shutil.copytree(trained_run, other, ignore=shutil.ignore_patterns("hessian*", "sharpness*", "surface*"))
+    torch.save({k: v + 0.01 for k, v in torch.load(other / "model.pt", weights_only=True).items()}, other / "model.pt")
+    argv = ["compare", str(trained_run), str(other), "--out", str(tmp_path / "cmp"), "--no-progress"]
+    without_train_loss = "".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "train_loss"}) + "\n"
+                                 for line in (other / "metrics.jsonl").read_text().splitlines())
+    for flags, message in ((["--surface-steps", "1"], "--surface-steps must be an integer >= 2; got 1"),
+                           (["--trace-matvecs", "2"], "--trace-matvecs must be an integer >= 3; got 2"),
+                           (["--rho", "0"], "--rho must be a finite number > 0; got 0.0"),
+                           (["--m", "4", "0"], "--m takes one or more chunk sizes, integers >= 1; got [4, 0]"),
+                           (["--m", "5000"], f"--m 5000 is more than the 1437 training examples of {trained_run}"),
+                           (["--metrics-without-train-loss"], (f"{other / 'metrics.jsonl'}: record 1 has no number "
+                                                               "for train_loss"))):
+        if flags == ["--metrics-without-train-loss"]:
+            flags = []
+            (other / "metrics.jsonl").write_text(without_train_loss)
+        assert main([*argv, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, (flags, err)
+    assert not (tmp_path / "cmp" / "analyses").exists()
+
+
+def test_compare_reuses_finished_analyses_only_and_overwrite_computes_them_again(trained_run, tmp_path, monkeypatch,
+                                                                                capsys):
+    """An analysis is finished when its .json, written after its .npz, is there; --overwrite recomputes them all."""
+    import shutil
+
+    import sam.compare
+
+    other = tmp_path / "other"
+    shutil.copytree(trained_run, other, ignore=shutil.ignore_patterns("hessian*", "sharpness*", "surface*"))
+    torch.save({k: v + 0.01 for k, v in torch.load(other / "model.pt", weights_only=True).items()}, other / "model.pt")
+    calls = []
+
+    def recording(name):
+        def analysis(run, *args, **kwargs):
+            calls.append((name, Path(run).name, kwargs.get("overwrite", False), kwargs.get("resume")))
+        return analysis
+
+    for name in ("hessian_analysis", "surface_analysis", "sharpness_analysis"):
+        monkeypatch.setattr(sam.compare, name, recording(name))
+    out = tmp_path / "cmp"
+    argv = ["compare", str(trained_run), str(other), "--out", str(out), "--m", "64", "--labels", "sgd", "other",
+            "--no-progress"]
+    sgd = out / "analyses" / "sgd"
+    sgd.mkdir(parents=True)
+    (sgd / "hessian.npz").write_bytes(b"PK\x03\x04 killed before its .json")  # unfinished: resumed
+    sha = sam.compare.checkpoint_sha256(trained_run / "model.pt")
+    (sgd / "sharpness.json").write_text(json.dumps({"checkpoint_sha256": sha, "settings": {"ms": [64], "rho": 0.05,
+                                                                                           "seed": 0}}))
+    (sgd / "sharpness.npz").write_bytes(b"")  # finished with the same settings: reused
+    stale = _stale_temporary(out, "report.html")  # what a killed compare was writing
+    assert main(argv) == 2  # the stubs wrote no surfaces to draw
+    assert "surface_2d.npz not found" in capsys.readouterr().err
+    assert not stale.exists()
+    mine = [c for c in calls if c[1] == trained_run.name and c[0] != "surface_analysis"]
+    assert mine == [("hessian_analysis", trained_run.name, False, True)]
+    (sgd / "sharpness.json").write_text(json.dumps({"checkpoint_sha256": sha, "settings": {"ms": [64], "rho": 0.1,
+                                                                                           "seed": 0}}))
+    assert main(argv) == 2
+    assert "sharpness.json was computed with other settings or another checkpoint (settings.rho: saved [0.1], " \
+        "asked [0.05]); pass --overwrite to compute it again" in capsys.readouterr().err
+    calls.clear()
+    assert main([*argv, "--overwrite"]) == 2
+    assert "surface_2d.npz not found" in capsys.readouterr().err
+    assert sorted(calls) == sorted(
+        [("hessian_analysis", run, True, False) for run in (trained_run.name, "other")]
+        + [("surface_analysis", run, True, None) for run in (trained_run.name, "other") for _ in range(2)]
+        + [("sharpness_analysis", run, True, None) for run in (trained_run.name, "other")]
+        + [("surface_analysis", trained_run.name, True, None)] * 2)  # the interpolation, train and test
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "--overwrite compute every analysis under OUT/analyses again" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("command", ["train", "hessian", "surface", "sharpness", "study", "noise-study", "compare", "demo",
-                                     "presets"])
+                                     "presets", "sweep"])
 def test_help_texts_state_no_meaningless_defaults(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -166,6 +166,66 @@ def _state_foreign(trained: Path, root: Path) -> list[str]:
     return ["train", "--out", str(run), "--epochs", "1", "--batch-size", "256", "--resume"]
 
 
+def _edit_state(trained: Path, root: Path, name: str, key: str, value: object) -> list[str]:
+    run = _copy(trained, root, name)
+    state = torch.load(run / "state.pt", weights_only=True)
+    state[key] = value
+    torch.save(state, run / "state.pt")
+    return ["train", "--out", str(run), "--epochs", "1", "--batch-size", "256", "--resume"]
+
+
+def _state_of_another_model(trained: Path, root: Path) -> list[str]:
+    return _edit_state(trained, root, "state-model", "model", torch.nn.Linear(3, 2).state_dict())
+
+
+def _state_optimizer_of_another_run(trained: Path, root: Path) -> list[str]:
+    return _edit_state(trained, root, "state-optimizer", "optimizer", {"state": {}, "param_groups": []})
+
+
+def _state_rng_not_a_tensor(trained: Path, root: Path) -> list[str]:
+    return _edit_state(trained, root, "state-rng", "rng_cpu", [1, 2, 3])
+
+
+def _config_derived_not_an_object(trained: Path, root: Path) -> list[str]:
+    def edit(saved: dict) -> dict:
+        saved["derived"] = ["world_size", 1]
+        return saved
+
+    run = _edit_config(trained, root, "config-derived", edit)
+    return ["train", "--out", str(run), "--epochs", "1", "--batch-size", "256", "--resume"]
+
+
+def _hessian_recipe_not_an_object(trained: Path, root: Path) -> list[str]:
+    run = _copy(trained, root, "hessian-recipe")
+    _write(run / "hessian.json", json.dumps({"recipe": "fast", "lambda_max": 1.0}))
+    return ["hessian", str(run), "--k", "1", "--resume"]
+
+
+def _other_weights(trained: Path, root: Path, name: str) -> Path:
+    """A copy of the trained run with other weights: a second minimum to compare with."""
+    other = _copy(trained, root, name)
+    torch.save({k: v + 0.01 for k, v in torch.load(other / "model.pt", weights_only=True).items()}, other / "model.pt")
+    return other
+
+
+def _compare_metrics_without_train_loss(trained: Path, root: Path) -> list[str]:
+    other = _other_weights(trained, root, "compare-train-loss")
+    rows = [json.loads(line) for line in (other / "metrics.jsonl").read_text().splitlines()]
+    _write(other / "metrics.jsonl", "".join(json.dumps({k: v for k, v in r.items() if k != "train_loss"}) + "\n"
+                                            for r in rows))
+    return ["compare", str(trained), str(other), "--out", str(root / "cmp-train-loss")]
+
+
+def _compare_one_surface_step(trained: Path, root: Path) -> list[str]:
+    other = _other_weights(trained, root, "compare-steps")
+    return ["compare", str(trained), str(other), "--out", str(root / "cmp-steps"), "--surface-steps", "1"]
+
+
+def _compare_chunks_beyond_the_data(trained: Path, root: Path) -> list[str]:
+    return ["compare", str(trained), str(_other_weights(trained, root, "compare-m")), "--out", str(root / "cmp-m"),
+            "--m", "16", "5000"]
+
+
 def _compare_corrupt_metrics(trained: Path, root: Path) -> list[str]:
     other = _copy(trained, root, "compare-metrics")
     torch.save({k: v + 0.01 for k, v in torch.load(other / "model.pt", weights_only=True).items()}, other / "model.pt")
@@ -267,79 +327,121 @@ def _flags(*argv: str) -> Callable[[Path, Path], list[str]]:
 
 CASES: list[Case] = [
     # flags
-    ("epochs-not-a-number", _flags("train", "--out", "ROOT/x", "--epochs", "many"), "invalid int value: 'many'"),
-    ("epochs-zero", _flags("train", "--out", "ROOT/x", "--epochs", "0"), "epochs must be an integer >= 1"),
-    ("negative-lr", _flags("train", "--out", "ROOT/x", "--lr", "-1"), "lr must be a finite number >= 0"),
-    ("nan-rho", _flags("train", "--out", "ROOT/x", "--rho", "nan"), "rho must be a finite number >= 0"),
-    ("label-noise-above-one", _flags("train", "--out", "ROOT/x", "--label-noise", "1.5"), "label_noise must be in [0, 1]"),
-    ("unknown-model", _flags("train", "--out", "ROOT/x", "--model", "resnet9000"), "invalid choice: 'resnet9000'"),
-    ("batch-size-zero", _flags("train", "--out", "ROOT/x", "--batch-size", "0"), "batch_size must be an integer >= 1"),
+    ("epochs-not-a-number", _flags("train", "--out", "ROOT/x", "--epochs", "many"),
+     "argument --epochs: invalid int value: 'many'"),
+    ("epochs-zero", _flags("train", "--out", "ROOT/x", "--epochs", "0"), "--epochs: epochs must be an integer >= 1"),
+    ("negative-lr", _flags("train", "--out", "ROOT/x", "--lr", "-1"), "--lr: lr must be a finite number >= 0"),
+    ("nan-rho", _flags("train", "--out", "ROOT/x", "--rho", "nan"), "--rho: rho must be a finite number >= 0"),
+    ("label-noise-above-one", _flags("train", "--out", "ROOT/x", "--label-noise", "1.5"),
+     "--label-noise: label_noise must be in [0, 1]"),
+    ("unknown-model", _flags("train", "--out", "ROOT/x", "--model", "resnet9000"),
+     "argument --model: invalid choice: 'resnet9000'"),
+    ("batch-size-zero", _flags("train", "--out", "ROOT/x", "--batch-size", "0"),
+     "--batch-size: batch_size must be an integer >= 1"),
     ("missing-out", _flags("train", "--epochs", "1"), "the following arguments are required: --out"),
     ("milestones-decreasing", _flags("train", "--out", "ROOT/x", "--schedule", "step", "--lr-milestones", "0.8", "0.2"),
-     "lr_milestones are increasing fractions"),
-    ("resume-and-overwrite", _flags("train", "--out", "ROOT/x", "--resume", "--overwrite"), "pass one of them"),
-    ("cifar-without-root", _flags("train", "--out", "ROOT/x", "--dataset", "cifar10"), "pass --data-root DIR"),
+     "--lr-milestones: lr_milestones are increasing fractions"),
+    ("resume-and-overwrite", _flags("train", "--out", "ROOT/x", "--resume", "--overwrite"),
+     "--resume continues the run in --out and --overwrite discards it"),
+    ("cifar-without-root", _flags("train", "--out", "ROOT/x", "--dataset", "cifar10"),
+     "--dataset cifar10 is read from files: pass --data-root DIR"),
     ("cifar-root-missing", _flags("train", "--out", "ROOT/x", "--dataset", "cifar10", "--data-root", "ROOT/nowhere"),
-     "not found"),
-    ("unknown-command", _flags("frobnicate"), "invalid choice: 'frobnicate'"),
+     "nowhere/cifar-10-batches-py' and '"),
+    ("unknown-command", _flags("frobnicate"), "argument COMMAND: invalid choice: 'frobnicate'"),
     ("unknown-flag", _flags("hessian", "RUN", "--bogus"), "unrecognized arguments: --bogus"),
     ("hessian-k-zero", _flags("hessian", "RUN", "--k", "0"), "argument --k: must be >= 1"),
-    ("hessian-bad-which", _flags("hessian", "RUN", "--which", "XX"), "invalid choice: 'XX'"),
-    ("hessian-power-with-LA", _flags("hessian", "RUN", "--method", "power"), "use it with which LM"),
-    ("hessian-negative-tol", _flags("hessian", "RUN", "--tol", "-1"), "tol must be > 0"),
-    ("hessian-missing-run", _flags("hessian", "ROOT/nowhere"), "does not exist"),
-    ("hessian-no-cuda", _flags("hessian", "RUN", "--device", "cuda"), "CUDA is not available"),
+    ("hessian-bad-which", _flags("hessian", "RUN", "--which", "XX"), "argument --which: invalid choice: 'XX'"),
+    ("hessian-power-with-LA", _flags("hessian", "RUN", "--method", "power"), "use it with which LM (--which LM)"),
+    ("hessian-negative-tol", _flags("hessian", "RUN", "--tol", "-1"), "--tol: tol must be > 0"),
+    ("hessian-missing-run", _flags("hessian", "ROOT/nowhere"), "hessian-missing-run/nowhere does not exist"),
+    ("hessian-no-cuda", _flags("hessian", "RUN", "--device", "cuda"),
+     "device 'cuda' was asked for but CUDA is not available; use --device cpu or auto"),
     ("surface-one-step", _flags("surface", "RUN", "--steps", "1"), "--steps must be >= 2"),
-    ("surface-empty-span", _flags("surface", "RUN", "--span", "1", "-1"), "span must be (low, high) with low < high"),
-    ("surface-dim-3", _flags("surface", "RUN", "--dim", "3"), "invalid choice: 3"),
+    ("surface-empty-span", _flags("surface", "RUN", "--span", "1", "-1"),
+     "--span: span must be (low, high) with low < high"),
+    ("surface-dim-3", _flags("surface", "RUN", "--dim", "3"), "argument --dim: invalid choice: 3"),
     ("surface-compare-and-interpolate", _flags("surface", "RUN", "--compare", "RUN", "--interpolate", "RUN"),
      "use either --compare or --interpolate"),
-    ("surface-orthogonal-1d", _flags("surface", "RUN", "--dim", "1", "--orthogonal"), "--orthogonal needs two directions"),
+    ("surface-orthogonal-1d", _flags("surface", "RUN", "--dim", "1", "--orthogonal"),
+     "--orthogonal needs two directions"),
     ("surface-pca-without-snapshots", _flags("surface", "RUN", "--directions", "pca", "--steps", "3"),
-     "needs at least 3 weight snapshots"),
-    ("sharpness-m-zero", _flags("sharpness", "RUN", "--m", "0"), "m must be an integer >= 1"),
-    ("sharpness-negative-rho", _flags("sharpness", "RUN", "--rho", "-1"), "rho must be a finite number > 0"),
-    ("sharpness-unknown-measure", _flags("sharpness", "RUN", "--measures", "nope"), "invalid choice: 'nope'"),
+     "--directions pca needs at least 3 weight snapshots in"),
+    ("sharpness-m-zero", _flags("sharpness", "RUN", "--m", "0"), "--m: m must be an integer >= 1"),
+    ("sharpness-negative-rho", _flags("sharpness", "RUN", "--rho", "-1"), "--rho: rho must be a finite number > 0"),
+    ("sharpness-unknown-measure", _flags("sharpness", "RUN", "--measures", "nope"),
+     "argument --measures: invalid choice: 'nope'"),
     ("study-bad-rhos", _flags("study", "--rhos", "sam"), "--rhos takes NAME=R1,R2"),
     ("noise-study-bad-rho", _flags("noise-study", "--rhos", "sam=x"), "--rhos takes NAME=RHO"),
     ("noise-study-negative-threads", _flags("noise-study", "--threads", "-1"), "--threads must be >= 0"),
-    ("compare-the-same-run", _flags("compare", "RUN", "RUN", "--out", "ROOT/cmp"), "compare needs two different runs"),
-    ("compare-missing-run", _flags("compare", "RUN", "ROOT/nowhere", "--out", "ROOT/cmp"), "is not a run directory"),
+    ("compare-the-same-run", _flags("compare", "RUN", "RUN", "--out", "ROOT/cmp"),
+     "compare needs two different runs; got "),
+    ("compare-missing-run", _flags("compare", "RUN", "ROOT/nowhere", "--out", "ROOT/cmp"),
+     "compare-missing-run/nowhere is not a run directory (no config.json)"),
     ("unknown-preset", _flags("presets", "nope"), "unknown preset 'nope'"),
+    *((f"{command}-unknown-device", _flags(*argv, "--device", "foo"), "argument --device: device 'foo' is not a device")
+      for command, argv in (("train", ("train", "--out", "ROOT/x")), ("hessian", ("hessian", "RUN")),
+                            ("surface", ("surface", "RUN")), ("sharpness", ("sharpness", "RUN")),
+                            ("study", ("study", "--out", "ROOT/s")),
+                            ("noise-study", ("noise-study", "--out", "ROOT/n")),
+                            ("compare", ("compare", "RUN", "RUN", "--out", "ROOT/c")),
+                            ("demo", ("demo", "--out", "ROOT/f", "--runs", "ROOT/r")))),
+    ("compare-one-surface-step", _compare_one_surface_step, "--surface-steps must be an integer >= 2; got 1"),
+    ("compare-chunks-beyond-the-data", _compare_chunks_beyond_the_data,
+     "--m 5000 is more than the 1437 training examples"),
     # checkpoints
-    ("truncated-checkpoint", _truncated_model, "model.pt is truncated or not a torch.save file"),
-    ("empty-checkpoint", _empty_model, "model.pt is empty (0 bytes)"),
-    ("unsafe-checkpoint", _unsafe_model, "model.pt holds pickled Python objects"),
-    ("garbage-checkpoint", _garbage_model, "model.pt is "),
-    ("checkpoint-of-another-model", _foreign_model, "model.pt does not fit the model digits_cnn"),
-    ("checkpoint-not-a-state-dict", _tensor_model, "model.pt is not a state_dict"),
-    ("snapshot-of-another-model", _snapshot_of_another_model, "epoch_0001.pt does not fit the model digits_cnn"),
-    ("truncated-resume-state", _state_truncated, "state.pt is truncated or not a torch.save file"),
-    ("foreign-resume-state", _state_foreign, "state.pt is not a resume checkpoint"),
-    ("torn-partial-hessian", _partial_hessian, "hessian.partial.pt is truncated or not a torch.save file"),
-    ("partial-hessian-without-resume", _partial_hessian_without_resume, "pass --resume to continue it"),
+    ("truncated-checkpoint", _truncated_model, "truncated/model.pt is truncated or not a torch.save file"),
+    ("empty-checkpoint", _empty_model, "empty/model.pt is empty (0 bytes)"),
+    ("unsafe-checkpoint", _unsafe_model, "unsafe/model.pt holds pickled Python objects"),
+    ("garbage-checkpoint", _garbage_model, "garbage/model.pt is not a torch.save file"),
+    ("checkpoint-of-another-model", _foreign_model, "foreign/model.pt does not fit the model digits_cnn"),
+    ("checkpoint-not-a-state-dict", _tensor_model, "tensor/model.pt is not a state_dict"),
+    ("snapshot-of-another-model", _snapshot_of_another_model,
+     "snapshots/epoch_0001.pt does not fit the model digits_cnn"),
+    ("truncated-resume-state", _state_truncated, "runs/state/state.pt is truncated or not a torch.save file"),
+    ("foreign-resume-state", _state_foreign, "state-foreign/state.pt is not a resume checkpoint"),
+    ("resume-state-of-another-model", _state_of_another_model,
+     "state-model/state.pt does not fit the model digits_cnn of its run"),
+    ("resume-state-of-another-optimizer", _state_optimizer_of_another_run,
+     "state-optimizer/state.pt: its optimizer state does not fit this sgd run"),
+    ("resume-state-rng-not-a-tensor", _state_rng_not_a_tensor,
+     "state-rng/state.pt holds a rng_cpu that is not a random-number generator state (a 1-D uint8 tensor); got list"),
+    ("torn-partial-hessian", _partial_hessian, "partial/hessian.partial.pt is truncated or not a torch.save file"),
+    ("partial-hessian-without-resume", _partial_hessian_without_resume,
+     "partial2/hessian.partial.pt holds an interrupted Hessian analysis; pass --resume"),
     # configs and result files
-    ("truncated-config", _truncated_config, "config.json is not valid JSON"),
-    ("config-not-an-object", _config_list, "config.json holds a JSON list"),
-    ("config-unknown-model", _config_unknown_model, "config.json holds an invalid config: unknown model 'resnet9000'"),
-    ("config-unknown-key", _config_unknown_key, "config.json holds an invalid config: unknown TrainConfig keys"),
-    ("config-bad-value", _config_bad_value, "config.json holds an invalid config: epochs must be an integer"),
-    ("config-not-text", _config_binary, "config.json is not UTF-8 text"),
-    ("corrupt-metrics-line", _metrics_corrupt, "metrics.jsonl line 2 is not valid JSON"),
-    ("metrics-not-records", _metrics_not_records, "metrics.jsonl holds a line that is not an epoch's metrics"),
-    ("compare-corrupt-metrics", _compare_corrupt_metrics, "metrics.jsonl line 1 is not valid JSON"),
-    ("compare-truncated-noise-table", _compare_bad_noise_table, "noise_study.json is not valid JSON"),
-    ("compare-study-without-table", _compare_bad_study, "study.json holds no 'kendall' table"),
-    ("compare-same-weights", _compare_same_weights, "hold the same weights"),
-    ("surface-file-not-a-surface", _surface_junk_npz, "surface_2d.npz is not a surface saved by landscape.surface"),
-    ("noise-study-corrupt-settings", _noise_study_bad_config, "noise_study_config.json is not valid JSON"),
-    ("study-settings-not-an-object", _study_bad_config, "study_config.json holds a JSON list"),
+    ("truncated-config", _truncated_config, "config-truncated/config.json is not valid JSON"),
+    ("config-not-an-object", _config_list, "config-list/config.json holds a JSON list"),
+    ("config-unknown-model", _config_unknown_model,
+     "config-model/config.json holds an invalid config: unknown model 'resnet9000'"),
+    ("config-unknown-key", _config_unknown_key,
+     "config-key/config.json holds an invalid config: unknown TrainConfig keys"),
+    ("config-bad-value", _config_bad_value,
+     "config-value/config.json holds an invalid config: epochs must be an integer"),
+    ("config-not-text", _config_binary, "config-binary/config.json is not UTF-8 text"),
+    ("corrupt-metrics-line", _metrics_corrupt, "runs/metrics/metrics.jsonl line 2 is not valid JSON"),
+    ("metrics-not-records", _metrics_not_records,
+     "metrics-list/metrics.jsonl holds a line that is not an epoch's metrics"),
+    ("config-derived-not-an-object", _config_derived_not_an_object,
+     "config-derived/config.json holds no 'derived' object"),
+    ("hessian-recipe-not-an-object", _hessian_recipe_not_an_object,
+     "hessian-recipe/hessian.json holds no 'recipe' object"),
+    ("compare-metrics-without-train-loss", _compare_metrics_without_train_loss,
+     "compare-train-loss/metrics.jsonl: record 1 has no number for train_loss"),
+    ("compare-corrupt-metrics", _compare_corrupt_metrics, "compare-metrics/metrics.jsonl line 1 is not valid JSON"),
+    ("compare-truncated-noise-table", _compare_bad_noise_table, "noise-bad/noise_study.json is not valid JSON"),
+    ("compare-study-without-table", _compare_bad_study, "study-bad/study.json holds no 'kendall' table"),
+    ("compare-same-weights", _compare_same_weights,
+     "same-weights hold the same weights (model.pt has the same SHA-256)"),
+    ("surface-file-not-a-surface", _surface_junk_npz,
+     "surface-junk/surface_2d.npz is not a surface saved by landscape.surface"),
+    ("noise-study-corrupt-settings", _noise_study_bad_config, "noise-config/noise_study_config.json is not valid JSON"),
+    ("study-settings-not-an-object", _study_bad_config, "study-config/study_config.json holds a JSON list"),
     ("out-under-a-file", _out_is_a_file, "a-file/inside: Not a directory"),
-    ("train-out-is-a-file", _train_out_is_a_file, "b-file is a file, not a run directory"),
+    ("train-out-is-a-file", _train_out_is_a_file, "b-file is a file, not a run directory; choose another --out"),
     # data
-    ("cifar-truncated-batches", _cifar_truncated, "malformed CIFAR file"),
-    ("cifar-wrong-shape", _cifar_wrong_shape, "malformed CIFAR file"),
-    ("cifar-root-is-a-file", _cifar_root_is_a_file, "cifar-file"),
+    ("cifar-truncated-batches", _cifar_truncated, "cifar-10-batches-py/data_batch_1': could not be unpickled"),
+    ("cifar-wrong-shape", _cifar_wrong_shape, "cifar-10-batches-py/data_batch_1': b'data' must have shape N x 3072"),
+    ("cifar-root-is-a-file", _cifar_root_is_a_file, "cifar-file/cifar-100-python' and '"),
 ]
 
 

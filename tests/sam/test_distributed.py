@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +96,35 @@ def _interrupt_after_first_epoch(epoch: int, record: dict[str, Any]) -> None:
         raise _Interrupt
 
 
+class _Unpicklable(Exception):
+    def __init__(self) -> None:
+        super().__init__("a lock cannot be sent")
+        self.lock = threading.Lock()
+
+
+def _raise(error: Exception) -> Any:
+    raise error
+
+
+def _decisions() -> dict[str, str]:
+    """What every rank gets from a decision only rank 0 makes (it reads the files), error or value."""
+    from sam.analyses import _decided_on_main
+
+    decisions = {"value": lambda: {"done": 7}, "key_error": lambda: {}["missing"],
+                 "type_error": lambda: _raise(TypeError("recipe is a list")),
+                 "unpicklable": lambda: _raise(_Unpicklable())}
+    seen = {}
+    for name, decide in decisions.items():
+        try:
+            seen[name] = repr(_decided_on_main(decide))
+        except Exception as error:  # noqa: BLE001 - what each rank raised is the result
+            seen[name] = f"{type(error).__name__}: {error}"
+    return seen
+
+
 def _worker(rank: int, workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"rank": distributed.rank(), "world": distributed.world_size()}
+    out["decided"] = _decisions()  # first: before the fix a failed decision left rank 1 waiting forever
     for name in SAM_FAMILY:
         if name != "msam":
             out[f"{name}/synced"] = _steps(name, batchnorm=False, ddp=True, sync=True, rank=rank)
@@ -351,6 +379,15 @@ def test_cli_refuses_single_process_commands_under_torchrun(tmp_path: Path, monk
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["study", "--out", str(tmp_path / "study")]) == 2
     assert "runs as one process" in capsys.readouterr().err
+
+
+def test_a_decision_rank_zero_fails_to_make_fails_every_rank_instead_of_hanging(ranks: list[dict[str, Any]]) -> None:
+    first, second = (rank["decided"] for rank in ranks)
+    assert first["value"] == second["value"] == "{'done': 7}"
+    assert first["key_error"] == second["key_error"] == "KeyError: 'missing'"
+    assert first["type_error"] == second["type_error"] == "TypeError: recipe is a list"
+    assert first["unpicklable"] == "_Unpicklable: a lock cannot be sent"
+    assert second["unpicklable"] == "RuntimeError: _Unpicklable on rank 0: a lock cannot be sent"
 
 
 def test_only_rank_zero_writes_the_run_directory(ranks: list[dict[str, Any]]) -> None:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,6 +173,144 @@ def test_existing_run_is_never_overwritten_and_resume_needs_the_same_config(tmp_
     assert [r["epoch"] for r in fresh.metrics] == [1]
 
 
+def _killed_at(monkeypatch, name: str, epoch: int, *, after: bool) -> None:
+    """Make the trainer's checkpoint writes stop (as a SIGKILL would) at ``name`` of ``epoch``'s checkpoint:
+    just before that file is written, or just after (the rename done, nothing more)."""
+    import sam.trainer as trainer_module
+
+    real = trainer_module.atomic_torch_save
+
+    def save(obj, path):
+        hit = Path(path).name == name and _checkpoint_epoch(obj, path) == epoch
+        if hit and not after:
+            raise KeyboardInterrupt
+        real(obj, path)
+        if hit:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "atomic_torch_save", save)
+
+
+def _checkpoint_epoch(obj, path) -> int | None:
+    name = Path(path).name
+    if name == "state.pt":
+        return obj["epoch"]
+    return int(name[6:10]) if name.startswith("epoch_") else None
+
+
+def test_a_snapshot_is_written_before_the_state_that_commits_its_epoch(tmp_path, monkeypatch):
+    """A kill right after an epoch's state.pt must not lose that epoch's snapshot: the resumed run starts
+    after that epoch and would never write it again."""
+    config = TrainConfig(snapshot_every=2, **{**FAST, "epochs": 3})
+    train(config, tmp_path / "straight", progress=False)
+    run = tmp_path / "killed"
+    _killed_at(monkeypatch, "state.pt", 2, after=True)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run, progress=False)
+    monkeypatch.undo()
+    train(config, run, resume=True, progress=False)
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["epoch_0002.pt"]
+    _assert_same_weights(_weights(tmp_path / "straight" / "snapshots" / "epoch_0002.pt"),
+                         _weights(run / "snapshots" / "epoch_0002.pt"))
+
+
+def test_a_snapshot_of_an_epoch_its_state_never_committed_is_removed_on_resume(tmp_path, monkeypatch):
+    """Analyses read snapshots/ (PCA directions): a snapshot ahead of state.pt is not the run's yet."""
+    import sam.trainer as trainer_module
+
+    config = TrainConfig(snapshot_every=1, **{**FAST, "epochs": 3})
+    run = tmp_path / "run"
+    _killed_at(monkeypatch, "state.pt", 2, after=False)  # after epoch 2's snapshot, before its state.pt
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run, progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
+    seen = []
+
+    def stop(*args, **kwargs):  # the resumed run is stopped again before it trains a step
+        seen.extend(sorted(p.name for p in (run / "snapshots").iterdir()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "_train_epoch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run, resume=True, progress=False)
+    assert seen == ["epoch_0001.pt"]
+
+
+def test_weights_metrics_or_snapshots_without_a_resume_state_are_never_trained_over(tmp_path):
+    config = TrainConfig(snapshot_every=1, **{**FAST, "epochs": 2})
+    run = tmp_path / "run"
+    train(config, run, progress=False)
+    (run / "state.pt").unlink()  # a finished run whose resume state was deleted to save space
+    before = (run / "model.pt").read_bytes()
+    for flags in ({}, {"resume": True}):
+        with pytest.raises(FileExistsError, match=rf"{run} holds a run without its resume state \(state.pt\) but "
+                           r"with model.pt, metrics.jsonl, snapshots/; it is not overwritten: pass --overwrite"):
+            train(config, run, progress=False, **flags)
+    assert (run / "model.pt").read_bytes() == before
+    (run / "model.pt").unlink()
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(FileExistsError, match=r"but with snapshots/; it is not overwritten: pass --overwrite"):
+        train(config, run, progress=False)
+    again = train(config, run, overwrite=True, progress=False)
+    assert [r["epoch"] for r in again.metrics] == [1, 2]
+
+
+def test_a_first_epoch_cut_short_before_its_state_is_trained_again_only_with_resume(tmp_path, monkeypatch):
+    config = TrainConfig(snapshot_every=1, **{**FAST, "epochs": 2})
+    train(config, tmp_path / "straight", progress=False)
+    run = tmp_path / "killed"
+    _killed_at(monkeypatch, "state.pt", 1, after=False)  # metrics, model.pt and the snapshot are written
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run, progress=False)
+    monkeypatch.undo()
+    assert (run / "model.pt").exists() and not (run / "state.pt").exists()
+    with pytest.raises(FileExistsError, match=r"with model.pt, metrics.jsonl, snapshots/; it is not overwritten: pass "
+                       r"--resume to train its first epoch again, pass --overwrite"):
+        train(config, run, progress=False)
+    with pytest.raises(ValueError, match=r"different config \(lr: saved 0.05, given 0.1\)"):
+        train(TrainConfig(snapshot_every=1, **{**FAST, "epochs": 2, "lr": 0.1}), run, resume=True, progress=False)
+    result = train(config, run, resume=True, progress=False)
+    assert [r["epoch"] for r in result.metrics] == [1, 2]
+    _assert_same_weights(_weights(tmp_path / "straight" / "model.pt"), _weights(run / "model.pt"))
+
+
+def test_overwrite_discards_the_resume_state_first_and_the_config_last(tmp_path, monkeypatch):
+    """Killed at any point of the discard, what is left is never resumed, nor trained over without --overwrite."""
+    config = TrainConfig(snapshot_every=1, **{**FAST, "epochs": 2})
+    run = tmp_path / "run"
+    train(config, run, progress=False)
+    (run / "preset.json").write_text("{}")
+    real_unlink = Path.unlink
+    order = []
+
+    def recording(self, missing_ok=False):
+        order.append(self.relative_to(copy).as_posix())
+        if len(order) == kill_at:
+            raise KeyboardInterrupt
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", recording)
+    copy, kill_at = tmp_path / "whole", None
+    shutil.copytree(run, copy)
+    train(TrainConfig(**{**FAST, "epochs": 1}), copy, overwrite=True, progress=False)
+    discarded = order[:7]
+    assert discarded == ["state.pt", "snapshots/epoch_0001.pt", "snapshots/epoch_0002.pt", "preset.json", "model.pt",
+                         "metrics.jsonl", "config.json"]
+    for kill_at in range(2, len(discarded) + 1):
+        copy, order = tmp_path / f"killed-{kill_at}", []
+        shutil.copytree(run, copy)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, copy, overwrite=True, progress=False)
+        assert not (copy / "state.pt").exists()  # nothing to resume from
+        left = sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file())
+        assert left == sorted(set(discarded[kill_at - 1:])), kill_at
+        if left != ["config.json"]:
+            with pytest.raises(FileExistsError, match="pass --overwrite"):
+                train(config, copy, progress=False)
+    monkeypatch.undo()
+
+
 def test_users_own_module_trains_and_resumes(tmp_path):
     def mlp() -> torch.nn.Module:
         torch.manual_seed(3)
@@ -288,6 +427,15 @@ def test_cuda_requested_without_cuda_is_a_clear_error():
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="CUDA is not available"):
         resolve_device("cuda")
+
+
+def test_a_device_torch_does_not_know_is_a_clear_error_before_anything_runs(tmp_path):
+    for device in ("foo", "cuda:x", ""):
+        with pytest.raises(ValueError, match=f"device {device!r} is not a device: use auto, cpu, cuda, cuda:N"):
+            resolve_device(device)
+        with pytest.raises(ValueError, match=f"device {device!r} is not a device"):
+            TrainConfig(device=device)
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 @pytest.mark.gpu
