@@ -524,7 +524,10 @@ class Objective:
                              "data (stream=True) must not: use 'jvp', 'double_backward' or 'auto'")
         if asked == "auto":
             if self.stream:  # memory first: double backward peaks lower than forward-over-reverse
-                method = "double_backward" if self._works("double_backward") else "jvp"
+                method = next((m for m in ("double_backward", "jvp") if self._works(m)), None)
+                if method is None:
+                    raise RuntimeError("no exact Hessian-vector product works for this model: neither double "
+                                       "backward nor forward-over-reverse")
             elif self.n_batches == 1:
                 method = "graph" if self._works("graph") else self._fastest()
             else:

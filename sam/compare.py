@@ -10,9 +10,11 @@
 2. figures, as PNG and PDF (:mod:`landscape.plot.figures`): ``surface_3d``, ``surface_contours``,
    ``slices_1d``, ``interpolation``, ``hessian``, ``m_sharpness``, ``training_curves``, and
    ``kendall_vs_m`` / ``label_noise`` when a study / label-noise table is given;
-3. ``DIR/report.html``: a self-contained report with a summary table and the interactive versions.
+3. ``DIR/report.html``: a self-contained report with a summary table and the interactive versions, and
+   ``DIR/summary.json``: each side's test accuracy and ``lambda_max``, mean and spread over its seed runs.
 
-:func:`demo` trains SGD and SAM on digits and runs :func:`compare` into ``figures/``.
+:func:`demo` trains SGD and SAM with three seeds each on MNIST-1D (or digits) and runs :func:`compare`
+into ``figures/``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,14 @@ from landscape import surface
 from landscape._results import results_complete
 from landscape.distributed import check_device_name
 from landscape.sharpness import MeasureSettings
-from landscape.storage import CorruptFileError, read_json, read_jsonl, remove_stale_temporaries
+from landscape.storage import (
+    CorruptFileError,
+    atomic_write_json,
+    differing_keys,
+    read_json,
+    read_jsonl,
+    remove_stale_temporaries,
+)
 
 from .analyses import HessianSettings, Inputs, SurfaceSettings, hessian_analysis, sharpness_analysis, surface_analysis
 from .optim import BASE_OPTIMIZERS, wrapper_defaults
@@ -230,6 +239,73 @@ def _directory_name(label: str) -> str:
     return re.sub(r"[^a-z0-9.+_-]+", "-", label.lower().replace("=", "")).strip("-") or "run"
 
 
+def _spread(values: Sequence[float]) -> float:
+    """The sample standard deviation (``ddof=1``); 0 for a single value."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def seed_summary(label: str, config: TrainConfig, runs: Sequence[Path], test_accuracies: Sequence[float],
+                 lambda_maxes: Sequence[float]) -> dict[str, Any]:
+    """One entry of ``summary.json``: a side of the comparison over its seeds.
+
+    ``test_accuracy`` is the mean of the final test accuracies (fractions) and ``test_accuracy_spread``
+    their sample standard deviation; the same for ``lambda_max``.
+    """
+    seeds = [load_run_config(run).seed for run in runs]
+    rho = None if config.optimizer in BASE_OPTIMIZERS else (
+        config.rho if config.rho is not None else wrapper_defaults(config.optimizer)["rho"])
+    return {"label": label, "optimizer": config.optimizer, "rho": rho, "seeds": seeds,
+            "test_accuracy": float(np.mean(test_accuracies)), "test_accuracy_spread": _spread(test_accuracies),
+            "lambda_max": float(np.mean(lambda_maxes)), "lambda_max_spread": _spread(lambda_maxes),
+            "test_accuracies": [float(a) for a in test_accuracies], "lambda_maxes": [float(v) for v in lambda_maxes],
+            "dataset": config.dataset, "model": config.model, "epochs": config.epochs,
+            "run_dirs": [str(run) for run in runs]}
+
+
+def _check_seed_runs(runs: Sequence[Path], configs: Sequence[TrainConfig],
+                     seeds: tuple[Sequence[str | Path], Sequence[str | Path]]) -> tuple[list[Path], list[Path]]:
+    """The extra seed runs of each side, each checked: finished, the main run's settings but the seed, and no
+    seed twice."""
+    if len(seeds) != 2:
+        raise ValueError(f"seeds holds the extra runs of each of the two sides: a pair of lists; got {len(seeds)}")
+    checked: list[list[Path]] = []
+    for main_run, main_config, side in zip(runs, configs, seeds):
+        side = [Path(s) for s in side]
+        used = {main_config.seed: main_run}
+        for run in side:
+            if not (run / "config.json").exists() or not (run / "model.pt").exists():
+                raise FileNotFoundError(f"{run} is not a finished run (config.json and model.pt); a seed run of "
+                                        f"{main_run} must be one")
+            config = load_run_config(run)
+            reached = load_metrics(run)[-1]["epoch"]
+            if reached != config.epochs:
+                raise ValueError(f"{run} stopped at epoch {reached} of {config.epochs}: a seed run must be finished "
+                                 "(resume it with sam-landscape train --resume)")
+            differ = [k for k in differing_keys(asdict(main_config), asdict(config)) if k not in ("seed", "device")]
+            if differ:
+                raise ValueError(f"{run} is not another seed of {main_run}: its {', '.join(differ)} differ")
+            if config.seed in used:
+                raise ValueError(f"{run} and {used[config.seed]} were both trained with seed {config.seed}")
+            used[config.seed] = run
+        checked.append(side)
+    return checked[0], checked[1]
+
+
+def _lambda_max_of(run: Path, directory: Path, settings: HessianSettings, inputs: Inputs, config: CompareConfig,
+                   overwrite: bool, progress: bool, log: Callable[[str], None]) -> float:
+    """The top Hessian eigenvalue of a seed run's training loss, by the main runs' Lanczos settings (the same
+    ``k`` and tolerance; no trace or density), saved in ``directory`` and reused when there."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if overwrite or not results_complete(directory, "hessian"):
+        log(f"{run}: lambda_max")
+        hessian_analysis(run, dataclasses.replace(settings, trace=False, density=False), inputs, directory,
+                         resume=not overwrite, overwrite=overwrite, progress=progress)
+    else:
+        _check_reusable(directory / "hessian.json", {"checkpoint_sha256": checkpoint_sha256(run / "model.pt"),
+                                                     "seed": config.seed})
+    return float(load_hessian(directory)["lambda_max"])
+
+
 def compare(
     run_a: str | Path,
     run_b: str | Path,
@@ -239,11 +315,20 @@ def compare(
     labels: tuple[str, str] | None = None,
     study_dir: str | Path | None = None,
     noise_study: str | Path | None = None,
+    seeds: tuple[Sequence[str | Path], Sequence[str | Path]] = ((), ()),
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> CompareResult:
-    """Analyse two runs with the same recipes, then write the figures and the HTML report into ``out_dir``.
+    """Analyse two runs with the same recipes, then write the figures, the HTML report and ``summary.json``.
+
+    ``seeds``: more runs of each side, trained with the same settings but another seed (for example
+    ``((sgd_seed1, sgd_seed2), (sam_seed1, sam_seed2))``). The figures show the two main runs; the summary
+    averages over all of a side's runs: ``summary.json`` is ``{"runs": [entry, entry]}``, each entry with
+    ``label``, ``optimizer``, ``rho``, ``seeds``, ``test_accuracy`` (the final test accuracy as a fraction,
+    the mean over the seeds) and ``test_accuracy_spread`` (their sample standard deviation, 0 for one
+    seed), ``lambda_max`` and ``lambda_max_spread`` (the top Hessian eigenvalue of the training loss of
+    each seed's model), the per-seed values and the run directories (:func:`seed_summary`).
 
     ``labels`` name the runs in the figures and the report; by default each run's optimizer and rho
     (:func:`run_labels`). Analyses saved under ``out_dir/analyses`` are reused when they were made with
@@ -277,10 +362,13 @@ def compare(
     for run in runs:
         if not (run / "model.pt").exists():
             raise FileNotFoundError(f"{run / 'model.pt'} not found: {run} holds no finished epoch yet")
+    replicates = _check_seed_runs(runs, configs, seeds)
     checkpoints = {run: checkpoint_sha256(run / "model.pt") for run in runs}  # without loading model and data
     if checkpoints[runs[0]] == checkpoints[runs[1]]:
         raise ValueError(f"{runs[0]} and {runs[1]} hold the same weights (model.pt has the same SHA-256): "
                          "compare needs two different minima")
+    if (out / "sweep.json").exists():
+        raise ValueError(f"{out} holds a sweep (sweep.json), whose summary.json compare would replace: choose another --out")
     resolve_device(config.device)  # a device that is not there is named now, not after the first analysis
     remove_stale_temporaries(out)  # figures and report.html a killed compare was writing
     start = time.perf_counter()
@@ -311,6 +399,9 @@ def compare(
         surface_analysis(runs[0], plan.interpolation, dataclasses.replace(plan.inputs, split=split),
                          out / "analyses" / f"interpolation-{split}", interpolate=runs[1], overwrite=overwrite,
                          progress=progress, log=lambda line: None)
+    top_of_seeds = [[_lambda_max_of(run, directory / "seeds" / f"seed{load_run_config(run).seed}", plan.hessian,
+                                    plan.inputs, config, overwrite, progress, log)
+                     for run in side] for side, directory in zip(replicates, dirs)]
     log(f"analyses done in {time.perf_counter() - start:.1f} s")
 
     # imported here: matplotlib and plotly take a second to load, which every other command would pay
@@ -365,6 +456,17 @@ def compare(
         sections.append(Section("Label noise", [dynamic["label_noise"]],
                                 "Clean test accuracy after training on symmetrically noisy labels, mean and spread over seeds."))
     summary = summary_rows(labels, hessians, sharpness, metrics)
+    entries = [seed_summary(label, cfg, [run, *side], [m[-1]["test_acc"]] + [load_metrics(r)[-1]["test_acc"] for r in side],
+                            [float(h["lambda_max"]), *tops])
+               for label, cfg, run, side, m, h, tops in zip(labels, configs, runs, replicates, metrics, hessians,
+                                                            top_of_seeds)]
+    atomic_write_json(out / "summary.json", {"runs": entries})
+    if any(replicates):
+        summary.append({"quantity": "test accuracy over seeds (mean +- std)",
+                        **{e["label"]: f"{e['test_accuracy']:.4f} +- {e['test_accuracy_spread']:.4f} "
+                                       f"({len(e['seeds'])} seeds)" for e in entries}})
+        summary.append({"quantity": "lambda_max over seeds (mean +- std)",
+                        **{e["label"]: f"{e['lambda_max']:.4g} +- {e['lambda_max_spread']:.2g}" for e in entries}})
     report = write_report(out / "report.html", f"{a} vs {b}: {runs[0].name} and {runs[1].name}",
                           ["quantity", *labels], summary, sections,
                           footer=f"sam-landscape compare; settings: {json.dumps(asdict(config))}")
@@ -407,18 +509,56 @@ def _check_chunk_sizes(config: CompareConfig, runs: Sequence[Path]) -> None:
                              f"choose chunk sizes up to {size}")
 
 
-def demo(out_dir: str | Path = "figures", runs_dir: str | Path = "runs", *, epochs: int = 30, device: str = "auto",
-         config: CompareConfig = CompareConfig(), progress: bool = True, log: Callable[[str], None] = print) -> CompareResult:
-    """Train SGD and SAM on digits (the defaults of ``sam-landscape train``; a finished run is reused) and
-    compare them into ``out_dir``."""
-    runs = []
-    for optimizer in ("sgd", "sam"):
-        run_dir = Path(runs_dir) / f"demo-{optimizer}"
-        start = time.perf_counter()
-        result = train(TrainConfig(optimizer=optimizer, epochs=epochs, device=device), run_dir, resume=True, progress=progress)
-        log(f"{optimizer}: test accuracy {result.final['test_acc']:.4f} ({time.perf_counter() - start:.1f} s)")
-        runs.append(run_dir)
-    return compare(runs[0], runs[1], out_dir, config, progress=progress, log=log)
+DEMO_RECIPES: dict[str, dict[str, Any]] = {
+    # MNIST-1D's MLP: SAM's minimum is clearly flatter and generalises better (README, "What SAM does here")
+    "mnist1d": {"dataset": "mnist1d", "model": "mnist1d_mlp", "epochs": 200, "batch_size": 100, "lr": 0.1,
+                "sam_rho": 0.2},
+    # the 8x8 digits CNN: both reach about 99.5% test accuracy; the difference is within a seed's
+    "digits": {"dataset": "digits", "model": "digits_cnn", "epochs": 30, "batch_size": 128, "lr": 0.1,
+               "sam_rho": 0.05},
+}
+"""The demo's training settings per dataset (SGD momentum 0.9, weight decay 5e-4, cosine: TrainConfig's)."""
+
+
+def demo(out_dir: str | Path = "figures", runs_dir: str | Path = "runs", *, dataset: str = "mnist1d", seeds: int = 3,
+         epochs: int | None = None, sam_rho: float | None = None, device: str = "auto",
+         config: CompareConfig = CompareConfig(), overwrite: bool = False, progress: bool = True,
+         log: Callable[[str], None] = print) -> CompareResult:
+    """Train SGD and SAM with ``seeds`` seeds each on a built-in dataset (a finished run is reused), then
+    compare the seed-0 runs into ``out_dir``, with every seed in ``summary.json``.
+
+    The default, MNIST-1D with the MLP of its paper (:data:`DEMO_RECIPES`), is a setting where the two
+    minima clearly differ: over 3 seeds SAM's test accuracy is higher by more than the seed spread and its
+    ``lambda_max`` several times lower (the numbers are in the README).
+    """
+    if dataset not in DEMO_RECIPES:
+        raise ValueError(f"the demo runs on {' or '.join(DEMO_RECIPES)}; got dataset {dataset!r}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1; got {seeds!r}")
+    recipe = dict(DEMO_RECIPES[dataset])
+    rho = recipe.pop("sam_rho") if sam_rho is None else sam_rho
+    # run directories name what differs from the recipe, so that other settings never meet a finished run
+    tags = {"sgd": "", "sam": f"-rho{rho:g}" if rho != DEMO_RECIPES[dataset]["sam_rho"] else ""}
+    if epochs is not None and epochs != recipe["epochs"]:
+        tags = {k: f"{v}-e{epochs}" for k, v in tags.items()}
+        recipe["epochs"] = epochs
+    sides: dict[str, list[Path]] = {"sgd": [], "sam": []}
+    for seed in range(seeds):
+        for optimizer in sides:
+            run_dir = Path(runs_dir) / f"demo-{dataset}-{optimizer}{tags[optimizer]}-seed{seed}"
+            settings = TrainConfig(**{k: v for k, v in recipe.items() if k != "sam_rho"}, optimizer=optimizer,
+                                   rho=rho if optimizer == "sam" else None, seed=seed, device=device)
+            start = time.perf_counter()
+            result = train(settings, run_dir, resume=True, progress=progress)
+            log(f"{optimizer} seed {seed}: test accuracy {result.final['test_acc']:.4f} "
+                f"({time.perf_counter() - start:.1f} s)")
+            sides[optimizer].append(run_dir)
+    result = compare(sides["sgd"][0], sides["sam"][0], out_dir, config, seeds=(sides["sgd"][1:], sides["sam"][1:]),
+                     overwrite=overwrite, progress=progress, log=log)
+    for entry in read_json(Path(out_dir) / "summary.json")["runs"]:
+        log(f"{entry['label']}: test accuracy {entry['test_accuracy']:.4f} +- {entry['test_accuracy_spread']:.4f}, "
+            f"lambda_max {entry['lambda_max']:.3g} +- {entry['lambda_max_spread']:.2g} over {len(entry['seeds'])} seeds")
+    return result
 
 
 def _read_kendall(study_dir: Path) -> list[dict[str, Any]]:

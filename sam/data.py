@@ -24,6 +24,7 @@ import json
 import math
 import pickle
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -372,8 +373,13 @@ def _load_mnist1d(root: Path | None) -> tuple[Split, Split, DatasetInfo]:
     if arrays is None:
         arrays = _generate_mnist1d(recipe)
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cache, lambda f: np.savez(f, recipe=np.array(json.dumps(recipe, sort_keys=True)), **arrays))
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(cache, lambda f: np.savez(f, recipe=np.array(json.dumps(recipe, sort_keys=True)),
+                                                       **arrays))
+            except OSError as error:  # the cache saves a second; a data directory we cannot write is no error
+                warnings.warn(f"MNIST-1D not cached in {cache.parent} ({error}); it is generated on every load",
+                              stacklevel=2)
     length = int(arrays["x"].shape[-1])
     info = DatasetInfo(name="mnist1d", num_classes=10, in_channels=1, image_size=length, mean=(0.0,), std=(1.0,))
     train = Split(torch.from_numpy(arrays["x"][:, None, :].copy()), torch.from_numpy(arrays["y"].copy()))

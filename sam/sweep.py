@@ -75,7 +75,7 @@ from landscape.storage import (
 
 from ._checks import at_least
 from .analyses import HessianSettings, Inputs, hessian_analysis
-from .trainer import TrainConfig, load_run_config, train
+from .trainer import DEFAULT_MODELS, TrainConfig, load_run_config, train
 
 __all__ = [
     "HESSIAN",
@@ -269,8 +269,11 @@ def sweep_points(base: TrainConfig, grid: Grid | Mapping[str, Sequence[Any]]) ->
             raise ValueError(f"the run name {name[:60]}... is longer than a file name may be (255 bytes): "
                              "sweep fewer keys at once")
         names[name] = values
+        changes = dict(zip(keys, values))
+        if "dataset" in changes and "model" not in changes and base.model == DEFAULT_MODELS[base.dataset]:
+            changes["model"] = None  # the base had its dataset's own model: each point takes its dataset's
         try:
-            config = dataclasses.replace(base, **dict(zip(keys, values)))
+            config = dataclasses.replace(base, **changes)
         except (ValueError, TypeError) as error:
             raise ValueError(f"grid point {name}: {error}") from None
         points.append((name, config))

@@ -79,6 +79,7 @@ SCHEDULES = ("cosine", "step", "constant")
 DEFAULT_MODELS: dict[str, str] = {"digits": "digits_cnn", "mnist1d": "mnist1d_mlp", "cifar10": "digits_cnn",
                                   "cifar100": "digits_cnn"}
 """The model a dataset gets when ``model`` is not given (the MNIST-1D paper's MLP for MNIST-1D)."""
+SIGNAL_MODELS = frozenset({"mnist1d_mlp", "mnist1d_cnn"})  # 1-D signals (N x C x L); the others take images
 CUSTOM_MODEL = "custom"  # config.model when train() is handed the user's own nn.Module
 AMP_MODES = ("none", "bf16", "fp16")
 
@@ -145,6 +146,11 @@ class TrainConfig:
         one_of("dataset", self.dataset, DATASET_NAMES)
         if self.model is None:
             self.model = DEFAULT_MODELS[self.dataset]
+        if self.model != CUSTOM_MODEL and (self.dataset == "mnist1d") != (self.model in SIGNAL_MODELS):
+            fitting = sorted(SIGNAL_MODELS) if self.dataset == "mnist1d" else sorted(set(available_models()) - SIGNAL_MODELS)
+            raise ValueError(f"model {self.model!r} does not take the inputs of dataset {self.dataset!r} ("
+                             f"{'1-D signals' if self.dataset == 'mnist1d' else 'images'}); "
+                             f"models for {self.dataset}: {', '.join(fitting)}")
         one_of("model", self.model, [*available_models(), CUSTOM_MODEL])
         one_of("optimizer", self.optimizer, available_optimizers())
         one_of("base_optimizer", self.base_optimizer, sorted(BASE_OPTIMIZERS))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -145,6 +146,17 @@ def add_progress_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="print no progress (by default: a live bar on a terminal, and plain lines, one per epoch "
                         "or per 10%% of an analysis, when the output goes to a file or a pipe)")
+
+
+def positive_float(value: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {value}")
+    return number
 
 
 def positive_int(value: str) -> int:

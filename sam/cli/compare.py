@@ -18,7 +18,8 @@ def register(commands: Any) -> argparse.ArgumentParser:
         description="Compare two trained runs with the same recipes: Hessian spectrum and density, 2D surface and "
         "1D slice along the same seeded directions, interpolation between them (train and test), m-sharpness. "
         "Analyses are saved under OUT/analyses and reused; figures go to OUT as PNG and PDF, with a "
-        "self-contained OUT/report.html. Each run is labelled by its optimizer and rho unless --labels is given.")
+        "self-contained OUT/report.html and OUT/summary.json (test accuracy and lambda_max of each side, mean and "
+        "spread over --seeds-a/--seeds-b). Each run is labelled by its optimizer and rho unless --labels is given.")
     parser.add_argument("run_a", type=Path, help="the first run (e.g. SGD)")
     parser.add_argument("run_b", type=Path, help="the second run (e.g. SAM)")
     parser.add_argument("--out", type=Path, required=True, help="directory for analyses, figures and report.html")
@@ -27,6 +28,10 @@ def register(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--study", type=Path, default=None, help="a sam-landscape study directory: adds Kendall tau against m")
     parser.add_argument("--noise-study", type=Path, default=None,
                         help="a label-noise study directory (or its noise_study.json): adds accuracy against noise")
+    parser.add_argument("--seeds-a", nargs="+", type=Path, default=[], metavar="RUN",
+                        help="more runs of run_a's settings with other seeds: summary.json and the report average the "
+                        "test accuracy and lambda_max over them")
+    parser.add_argument("--seeds-b", nargs="+", type=Path, default=[], metavar="RUN", help="the same for run_b")
     parser.add_argument("--overwrite", action="store_true",
                         help="compute every analysis under OUT/analyses again instead of reusing it (needed when "
                         "they were made with other settings or from other checkpoints)")
@@ -38,5 +43,6 @@ def register(commands: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     compare(args.run_a, args.run_b, args.out, compare_config(args),
             labels=tuple(args.labels) if args.labels is not None else None, study_dir=args.study,
-            noise_study=args.noise_study, overwrite=args.overwrite, progress=args.progress)
+            noise_study=args.noise_study, seeds=(args.seeds_a, args.seeds_b), overwrite=args.overwrite,
+            progress=args.progress)
     return 0

@@ -62,3 +62,24 @@ def test_a_preset_trains_on_mnist1d_with_its_model(tmp_path):
                  "--no-progress", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())["config"]
     assert (config["dataset"], config["model"]) == ("mnist1d", "mnist1d_mlp")
+
+
+@pytest.mark.parametrize("dataset, model", [("digits", "mnist1d_mlp"), ("mnist1d", "digits_cnn"), ("mnist1d", "resnet20")])
+def test_a_model_that_does_not_take_the_datasets_inputs_is_refused_before_training(dataset, model, tmp_path, capsys):
+    with pytest.raises(ValueError, match=f"model '{model}' does not take the inputs of dataset '{dataset}'"):
+        TrainConfig(dataset=dataset, model=model)
+    assert main(["train", "--dataset", dataset, "--model", model, "--out", str(tmp_path / "run")]) == 2
+    assert "does not take the inputs" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_data_directory_that_cannot_be_written_only_loses_the_cache(tmp_path, monkeypatch):
+    import sam.data as data_module
+    from sam.data import load_dataset
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(data_module, "atomic_write", refuse)
+    with pytest.warns(UserWarning, match="MNIST-1D not cached"):
+        train, test, _ = load_dataset("mnist1d", root=tmp_path)
+    assert train.x.shape == (4000, 1, 40) and not list(tmp_path.rglob("*.npz"))

@@ -325,3 +325,13 @@ def test_the_command_runs_the_sweep_and_refuses_what_it_cannot_do(tmp_path, caps
     (blocked / "runs" / "seed=0").write_text("")
     assert main(["sweep", "--out", str(blocked), "--grid", "seed=0", "--epochs", "1", "--no-progress"]) == 1
     assert "sam-landscape sweep: 1 of 1 runs failed (seed=0: FileExistsError" in capsys.readouterr().err
+
+
+def test_a_dataset_grid_gives_each_point_its_datasets_own_model_unless_one_is_chosen():
+    from sam.sweep import sweep_points
+    from sam.trainer import TrainConfig
+
+    points = dict(sweep_points(TrainConfig(), [("dataset", ["digits", "mnist1d"])]))
+    assert [c.model for c in points.values()] == ["digits_cnn", "mnist1d_mlp"]
+    chosen = dict(sweep_points(TrainConfig(dataset="mnist1d", model="mnist1d_cnn"), [("seed", [0, 1])]))
+    assert {c.model for c in chosen.values()} == {"mnist1d_cnn"}
