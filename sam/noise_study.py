@@ -56,13 +56,12 @@ from landscape.storage import (
     differing_keys,
     load_weights,
     read_json,
-    read_jsonl,
     remove_stale_temporaries,
 )
 
 from .data import load_dataset
 from .optim import BASE_OPTIMIZERS, available_optimizers
-from .trainer import TrainConfig, load_run_config, train
+from .trainer import TrainConfig, final_metrics, load_run_config, train
 
 __all__ = ["NoiseStudyConfig", "NoiseStudyResult", "default_recipe", "STUDY_FIELDS", "noise_study_runs",
            "noise_table", "run_noise_study", "format_noise_table"]
@@ -284,13 +283,6 @@ def _finished(run_dir: Path, config: TrainConfig) -> bool:
     return int(state["epoch"]) >= config.epochs
 
 
-def _final_metrics(run_dir: Path, epochs: int) -> dict[str, Any]:
-    records = read_jsonl(run_dir / "metrics.jsonl")
-    if not records or not isinstance(records[-1], dict) or records[-1].get("epoch") != epochs:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'} does not end at epoch {epochs}; rerun to resume the run")
-    return records[-1]
-
-
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
@@ -354,7 +346,7 @@ def run_noise_study(
         if trained:
             callback = None if on_epoch_end is None else (lambda epoch, metrics, name=name: on_epoch_end(name, epoch, metrics))
             train(run_config, run_dir, resume=True, progress=progress, on_epoch_end=callback)
-        final = _final_metrics(run_dir, run_config.epochs)
+        final = final_metrics(run_dir, run_config.epochs)
         key = (run_config.label_noise, run_config.seed)
         if key not in noisy_labels:  # the labels this run trained on, as train() loads them
             train_split, _, _ = load_dataset(run_config.dataset, root=run_config.data_root, label_noise=key[0],

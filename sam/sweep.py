@@ -69,13 +69,12 @@ from landscape.storage import (
     differing_keys,
     load_weights,
     read_json,
-    read_jsonl,
     remove_stale_temporaries,
 )
 
 from ._checks import at_least
 from .analyses import HessianSettings, Inputs, hessian_analysis
-from .trainer import DEFAULT_MODELS, TrainConfig, load_run_config, train
+from .trainer import DEFAULT_MODELS, TrainConfig, final_metrics, load_run_config, train
 
 __all__ = [
     "HESSIAN",
@@ -334,14 +333,6 @@ class _Task:
     progress: bool
 
 
-def _final_metrics(run_dir: Path, epochs: int) -> dict[str, Any]:
-    path = run_dir / "metrics.jsonl"
-    records = read_jsonl(path)
-    if not records or not isinstance(records[-1], dict) or records[-1].get("epoch") != epochs:
-        raise CorruptFileError(f"{path} does not end with epoch {epochs}: the run is not finished; rerun the sweep")
-    return records[-1]
-
-
 def _saved_config_differs(run_dir: Path, config: TrainConfig) -> list[str] | None:
     """The fields in which the run saved in ``run_dir`` differs from ``config`` (``None``: no run there)."""
     if not (run_dir / "config.json").exists():
@@ -356,7 +347,7 @@ def _finished(run_dir: Path, config: TrainConfig) -> bool:
     if not (run_dir / "model.pt").exists() or _saved_config_differs(run_dir, config) != []:
         return False
     try:
-        _final_metrics(run_dir, config.epochs)
+        final_metrics(run_dir, config.epochs)
     except (CorruptFileError, FileNotFoundError):
         return False
     state_path = run_dir / "state.pt"
@@ -429,7 +420,7 @@ def _run_point(task: _Task) -> dict[str, Any]:
         trained = _train_point(task)
         if task.hessian is not None:
             _hessian_point(task, trained)
-        final = _final_metrics(task.run_dir, task.config.epochs)
+        final = final_metrics(task.run_dir, task.config.epochs)
     except Exception as error:  # noqa: BLE001 - any failure of one run is reported and the others go on
         message = " ".join(str(error).split()) or type(error).__name__
         return {"trained": trained, "seconds": time.perf_counter() - start, "final": None,
@@ -495,7 +486,7 @@ def summary_rows(runs_dir: str | Path, points: Sequence[tuple[str, TrainConfig]]
     rows = []
     for name, config in points:
         run_dir = Path(runs_dir) / name
-        final = _final_metrics(run_dir, config.epochs)
+        final = final_metrics(run_dir, config.epochs)
         row: dict[str, Any] = {"run": name, **{k: getattr(config, k) for k in keys}}
         for key in (*[k for k in _FIRST_METRICS if k in final], *[k for k in final if k not in _FIRST_METRICS]):
             row[f"final_{key}" if key in _FIELDS or key == "run" else key] = final[key]

@@ -70,6 +70,7 @@ __all__ = [
     "lr_factor",
     "resolve_device",
     "load_run_config",
+    "final_metrics",
     "LoadedRun",
     "load_run",
     "checkpoint_sha256",
@@ -778,6 +779,19 @@ def load_run_config(out_dir: str | Path) -> TrainConfig:
         return TrainConfig.from_dict(values)
     except (ValueError, TypeError) as error:
         raise CorruptFileError(f"{path} holds an invalid config: {error}") from None
+
+
+def final_metrics(out_dir: str | Path, epochs: int) -> dict[str, Any]:
+    """The metrics of a run's last epoch, which must be epoch ``epochs`` (the run is finished).
+
+    Raises:
+        CorruptFileError: ``metrics.jsonl`` does not end with that epoch (the run is not finished).
+    """
+    path = Path(out_dir) / "metrics.jsonl"
+    records = read_jsonl(path)
+    if not records or not isinstance(records[-1], dict) or records[-1].get("epoch") != epochs:
+        raise CorruptFileError(f"{path} does not end with epoch {epochs}: the run is not finished; rerun to resume it")
+    return records[-1]
 
 
 def _read_run_json(path: Path) -> dict[str, Any]:
