@@ -46,7 +46,8 @@ from landscape.storage import (
 )
 
 from .analyses import HessianSettings, Inputs, SurfaceSettings, hessian_analysis, sharpness_analysis, surface_analysis
-from .optim import BASE_OPTIMIZERS, wrapper_defaults
+from .figure_data import error_reduction_table, error_vs_rho_table, load_sweep, snapshot_epochs, spectrum_evolution
+from .labels import effective_rho, run_label, run_labels, spread
 from .trainer import TrainConfig, checkpoint_sha256, load_run_config, resolve_device, train
 
 __all__ = ["CompareConfig", "CompareResult", "compare", "demo", "load_hessian", "load_metrics", "load_noise_table",
@@ -208,40 +209,9 @@ def summary_rows(labels: Sequence[str], hessians: Sequence[dict], sharpness: Seq
     return rows
 
 
-_DISPLAY_NAMES = {"msam": "m-SAM", "multistep_sam": "multi-step SAM", "every_k_sam": "every-k SAM"}
-
-
-def run_label(config: TrainConfig) -> str:
-    """A run's optimizer and, for a SAM variant, its rho: ``"SGD"``, ``"SAM rho=0.05"``, ``"m-SAM rho=0.05"``.
-
-    Example:
-        >>> run_label(TrainConfig(optimizer="asam"))
-        'ASAM rho=0.5'
-    """
-    name = _DISPLAY_NAMES.get(config.optimizer, config.optimizer.upper())
-    if config.optimizer in BASE_OPTIMIZERS:
-        return name
-    rho = config.rho if config.rho is not None else wrapper_defaults(config.optimizer)["rho"]
-    return f"{name} rho={rho:g}"
-
-
-def run_labels(runs: Sequence[Path], configs: Sequence[TrainConfig]) -> tuple[str, str]:
-    """Labels of two runs by optimizer and rho; the run directories' names are added where those agree."""
-    labels = [run_label(c) for c in configs]
-    if labels[0].lower() == labels[1].lower():
-        names = [run.name for run in runs] if runs[0].name != runs[1].name else [str(run) for run in runs]
-        labels = [f"{label} ({name})" for label, name in zip(labels, names)]
-    return labels[0], labels[1]
-
-
 def _directory_name(label: str) -> str:
     """A label as a folder name: ``"SAM rho=0.05"`` -> ``"sam-rho0.05"``."""
     return re.sub(r"[^a-z0-9.+_-]+", "-", label.lower().replace("=", "")).strip("-") or "run"
-
-
-def _spread(values: Sequence[float]) -> float:
-    """The sample standard deviation (``ddof=1``); 0 for a single value."""
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def seed_summary(label: str, config: TrainConfig, runs: Sequence[Path], test_accuracies: Sequence[float],
@@ -252,11 +222,9 @@ def seed_summary(label: str, config: TrainConfig, runs: Sequence[Path], test_acc
     their sample standard deviation; the same for ``lambda_max``.
     """
     seeds = [load_run_config(run).seed for run in runs]
-    rho = None if config.optimizer in BASE_OPTIMIZERS else (
-        config.rho if config.rho is not None else wrapper_defaults(config.optimizer)["rho"])
-    return {"label": label, "optimizer": config.optimizer, "rho": rho, "seeds": seeds,
-            "test_accuracy": float(np.mean(test_accuracies)), "test_accuracy_spread": _spread(test_accuracies),
-            "lambda_max": float(np.mean(lambda_maxes)), "lambda_max_spread": _spread(lambda_maxes),
+    return {"label": label, "optimizer": config.optimizer, "rho": effective_rho(config), "seeds": seeds,
+            "test_accuracy": float(np.mean(test_accuracies)), "test_accuracy_spread": spread(test_accuracies),
+            "lambda_max": float(np.mean(lambda_maxes)), "lambda_max_spread": spread(lambda_maxes),
             "test_accuracies": [float(a) for a in test_accuracies], "lambda_maxes": [float(v) for v in lambda_maxes],
             "dataset": config.dataset, "model": config.model, "epochs": config.epochs,
             "run_dirs": [str(run) for run in runs]}
@@ -316,6 +284,8 @@ def compare(
     study_dir: str | Path | None = None,
     noise_study: str | Path | None = None,
     seeds: tuple[Sequence[str | Path], Sequence[str | Path]] = ((), ()),
+    sweep_dir: str | Path | None = None,
+    spectrum: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -329,6 +299,12 @@ def compare(
     the mean over the seeds) and ``test_accuracy_spread`` (their sample standard deviation, 0 for one
     seed), ``lambda_max`` and ``lambda_max_spread`` (the top Hessian eigenvalue of the training loss of
     each seed's model), the per-seed values and the run directories (:func:`seed_summary`).
+
+    ``sweep_dir``: a directory of ``sam-landscape sweep`` with SGD and SAM runs: adds the error reduction of
+    SAM over SGD per setting (Foret et al. 2021, Fig. 1 left) and, for a sweep over rho, the test error
+    against rho per m (Fig. 3 middle) (:mod:`sam.figure_data`). ``spectrum``: adds the Hessian spectrum of
+    both runs at up to 4 epochs of their snapshots (``train --snapshot-every``; Fig. 3 left), with the
+    Hessian settings of the comparison, saved under ``out_dir/analyses/spectrum``.
 
     ``labels`` name the runs in the figures and the report; by default each run's optimizer and rho
     (:func:`run_labels`). Analyses saved under ``out_dir/analyses`` are reused when they were made with
@@ -359,6 +335,13 @@ def compare(
     _check_chunk_sizes(config, runs)
     table = _read_kendall(Path(study_dir)) if study_dir is not None else None
     noise_rows = load_noise_table(noise_study) if noise_study is not None else None
+    reductions = error_reduction_table(sweep_dir) if sweep_dir is not None else None
+    rho_lines = _error_vs_rho_if_swept(sweep_dir)
+    if spectrum:
+        for run in runs:
+            if len(snapshot_epochs(run)) < 2:
+                raise ValueError(f"{run} holds the weights of fewer than 2 epochs, too few for the spectrum's evolution: "
+                                 "train it with --snapshot-every N")
     for run in runs:
         if not (run / "model.pt").exists():
             raise FileNotFoundError(f"{run / 'model.pt'} not found: {run} holds no finished epoch yet")
@@ -402,6 +385,9 @@ def compare(
     top_of_seeds = [[_lambda_max_of(run, directory / "seeds" / f"seed{load_run_config(run).seed}", plan.hessian,
                                     plan.inputs, config, overwrite, progress, log)
                      for run in side] for side, directory in zip(replicates, dirs)]
+    spectra = spectrum_evolution(
+        runs, out / "analyses" / "spectrum", settings=dataclasses.replace(plan.hessian, trace=False), inputs=plan.inputs,
+        labels=labels, overwrite=overwrite, progress=progress, log=log) if spectrum else None
     log(f"analyses done in {time.perf_counter() - start:.1f} s")
 
     # imported here: matplotlib and plotly take a second to load, which every other command would pay
@@ -432,6 +418,12 @@ def compare(
             drawn["kendall_vs_m"] = module.kendall_vs_m(table)
         if noise_rows is not None:
             drawn["label_noise"] = module.label_noise(noise_rows)
+        if spectra is not None:
+            drawn["spectrum_evolution"] = module.spectrum_evolution(spectra)
+        if reductions is not None:
+            drawn["error_reduction"] = module.error_reduction(reductions)
+        if rho_lines is not None:
+            drawn["error_vs_rho"] = module.error_vs_rho(rho_lines["lines"], rho_lines["baselines"])
         return drawn
 
     static, dynamic = draw(figures), draw(interactive)
@@ -445,13 +437,20 @@ def compare(
         Section(f"Interpolation from {a} to {b}", [dynamic["interpolation"]],
                 "Loss and accuracy along w_a + t (w_b - w_a), train (solid) and test (dashed); BatchNorm running "
                 "statistics are interpolated along the same line, so t = 0 and t = 1 are exactly the two models."),
-        Section("Hessian spectrum", [dynamic["hessian"]],
+        Section("Hessian spectrum", [dynamic["hessian"]] + ([dynamic["spectrum_evolution"]] if spectra else []),
                 "Top eigenvalues by Lanczos, lambda_max / lambda_5 (Jastrzebski et al. 2020) and the eigenvalue "
-                "density by stochastic Lanczos quadrature (Foret et al. 2021, Fig. 3 left)."),
+                "density by stochastic Lanczos quadrature (Foret et al. 2021, Fig. 3 left)"
+                + ("; below, the same at several epochs of training, from the runs' snapshots." if spectra else ".")),
         Section("Sharpness", [dynamic["m_sharpness"]] + ([dynamic["kendall_vs_m"]] if "kendall_vs_m" in dynamic else []),
                 f"m-sharpness (one SAM step of radius {config.rho:g} per chunk of m training examples) against m."),
         Section("Training", [dynamic["training_curves"]], "Loss and accuracy per epoch, train and test."),
     ]
+    if reductions is not None:
+        sections.append(Section(f"Across the settings of {sweep_dir}",
+                                [dynamic["error_reduction"]] + ([dynamic["error_vs_rho"]] if rho_lines else []),
+                                "Relative test-error reduction of SAM over SGD per setting, mean and standard deviation "
+                                "of (e_SGD - e_SAM) / e_SGD over seeds (Foret et al. 2021, Fig. 1 left)"
+                                + ("; test error against rho, one line per m (Fig. 3 middle)." if rho_lines else ".")))
     if "label_noise" in dynamic:
         sections.append(Section("Label noise", [dynamic["label_noise"]],
                                 "Clean test accuracy after training on symmetrically noisy labels, mean and spread over seeds."))
@@ -499,6 +498,13 @@ def _plan(config: CompareConfig) -> _Plan:
     )
 
 
+def _error_vs_rho_if_swept(sweep_dir: str | Path | None) -> dict[str, list[dict[str, Any]]] | None:
+    """The error-vs-rho lines of a sweep whose grid has rho; ``None`` without a sweep or rho."""
+    if sweep_dir is None or "rho" not in load_sweep(sweep_dir)[0]:
+        return None
+    return error_vs_rho_table(sweep_dir)
+
+
 def _check_chunk_sizes(config: CompareConfig, runs: Sequence[Path]) -> None:
     """m-sharpness needs chunks no larger than the training split (``train_size`` in each run's config.json)."""
     for run in runs:
@@ -512,12 +518,13 @@ def _check_chunk_sizes(config: CompareConfig, runs: Sequence[Path]) -> None:
 DEMO_RECIPES: dict[str, dict[str, Any]] = {
     # MNIST-1D's MLP: SAM's minimum is clearly flatter and generalises better (README, "What SAM does here")
     "mnist1d": {"dataset": "mnist1d", "model": "mnist1d_mlp", "epochs": 200, "batch_size": 100, "lr": 0.1,
-                "sam_rho": 0.2},
+                "sam_rho": 0.2, "snapshot_every": 50},
     # the 8x8 digits CNN: both reach about 99.5% test accuracy; the difference is within a seed's
     "digits": {"dataset": "digits", "model": "digits_cnn", "epochs": 30, "batch_size": 128, "lr": 0.1,
-               "sam_rho": 0.05},
+               "sam_rho": 0.05, "snapshot_every": 10},
 }
-"""The demo's training settings per dataset (SGD momentum 0.9, weight decay 5e-4, cosine: TrainConfig's)."""
+"""The demo's training settings per dataset (SGD momentum 0.9, weight decay 5e-4, cosine: TrainConfig's); a
+snapshot every quarter (third) of training for the spectrum's evolution."""
 
 
 def demo(out_dir: str | Path = "figures", runs_dir: str | Path = "runs", *, dataset: str = "mnist1d", seeds: int = 3,
@@ -529,7 +536,8 @@ def demo(out_dir: str | Path = "figures", runs_dir: str | Path = "runs", *, data
 
     The default, MNIST-1D with the MLP of its paper (:data:`DEMO_RECIPES`), is a setting where the two
     minima clearly differ: over 3 seeds SAM's test accuracy is higher by more than the seed spread and its
-    ``lambda_max`` several times lower (the numbers are in the README).
+    ``lambda_max`` several times lower (the numbers are in the README). The report shows the Hessian spectrum
+    of the seed-0 runs at their snapshots too (``compare(spectrum=True)``).
     """
     if dataset not in DEMO_RECIPES:
         raise ValueError(f"the demo runs on {' or '.join(DEMO_RECIPES)}; got dataset {dataset!r}")
@@ -542,6 +550,7 @@ def demo(out_dir: str | Path = "figures", runs_dir: str | Path = "runs", *, data
     if epochs is not None and epochs != recipe["epochs"]:
         tags = {k: f"{v}-e{epochs}" for k, v in tags.items()}
         recipe["epochs"] = epochs
+        recipe["snapshot_every"] = max(1, epochs // 4)
     sides: dict[str, list[Path]] = {"sgd": [], "sam": []}
     for seed in range(seeds):
         for optimizer in sides:
@@ -554,7 +563,7 @@ def demo(out_dir: str | Path = "figures", runs_dir: str | Path = "runs", *, data
                 f"({time.perf_counter() - start:.1f} s)")
             sides[optimizer].append(run_dir)
     result = compare(sides["sgd"][0], sides["sam"][0], out_dir, config, seeds=(sides["sgd"][1:], sides["sam"][1:]),
-                     overwrite=overwrite, progress=progress, log=log)
+                     spectrum=recipe["epochs"] >= 2, overwrite=overwrite, progress=progress, log=log)
     for entry in read_json(Path(out_dir) / "summary.json")["runs"]:
         log(f"{entry['label']}: test accuracy {entry['test_accuracy']:.4f} +- {entry['test_accuracy_spread']:.4f}, "
             f"lambda_max {entry['lambda_max']:.3g} +- {entry['lambda_max_spread']:.2g} over {len(entry['seeds'])} seeds")

@@ -19,6 +19,7 @@ with scikit-learn and ``mnist1d`` is generated procedurally (Greydanus & Kobak
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,9 +46,12 @@ __all__ = [
     "DatasetInfo",
     "DeviceLoader",
     "Split",
+    "NUM_CLASSES",
     "augment_batch",
+    "check_classes",
     "crop_and_flip",
     "load_dataset",
+    "select_classes",
     "symmetric_label_noise",
 ]
 
@@ -56,6 +60,9 @@ DATASET_NAMES: tuple[str, ...] = ("digits", "mnist1d", "cifar10", "cifar100")
 
 BUILT_IN_DATASETS: tuple[str, ...] = ("digits", "mnist1d")
 """Datasets that need no files: bundled with scikit-learn, or generated offline."""
+
+NUM_CLASSES: dict[str, int] = {"digits": 10, "mnist1d": 10, "cifar10": 10, "cifar100": 100}
+"""The number of classes of each dataset (before a selection of classes)."""
 
 # Standard per-channel statistics of the CIFAR training sets, for pixels scaled to [0, 1].
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
@@ -87,6 +94,8 @@ class DatasetInfo:
             intensity scaled to ``[0, 1]``.
         std: Per-channel standard deviation divided out during normalisation, in
             the same units as ``mean``.
+        classes: The dataset's labels of the classes kept (:func:`select_classes`), in the order of
+            their new labels ``0..k-1``; ``None`` when every class is kept.
     """
 
     name: str
@@ -95,6 +104,7 @@ class DatasetInfo:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    classes: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -217,6 +227,7 @@ def load_dataset(
     noise_seed: int = 0,
     split_seed: int = 0,
     test_fraction: float = 0.2,
+    classes: Sequence[int] | None = None,
 ) -> tuple[Split, Split, DatasetInfo]:
     """Loads a dataset as normalised CPU tensors.
 
@@ -235,8 +246,12 @@ def load_dataset(
       ``cifar-100-python``, or that folder itself), using the official 50k/10k
       train/test split and the standard per-channel CIFAR mean/std.
 
+    With ``classes``, both splits keep only the examples of those classes, relabelled ``0..k-1`` in the
+    order given (:func:`select_classes`); normalisation is the full dataset's, so a model trained on
+    one selection sees the inputs of another exactly as it saw its own.
+
     Label noise (:func:`symmetric_label_noise`) is applied to the training split
-    only; test labels are always clean.
+    only (among the classes kept); test labels are always clean.
 
     Args:
         name: One of :data:`DATASET_NAMES`.
@@ -249,13 +264,16 @@ def load_dataset(
         split_seed: Seed of the ``digits`` train/test split (CIFAR has a fixed split).
         test_fraction: Fraction of ``digits`` held out for testing, in ``(0, 1)``
             (CIFAR has a fixed split).
+        classes: The classes to keep, at least two distinct labels of the dataset; ``None`` keeps all.
 
     Returns:
-        ``(train, test, info)``.
+        ``(train, test, info)``; with ``classes``, ``info.num_classes`` is their number and
+        ``info.classes`` the labels kept.
 
     Raises:
         ValueError: Unknown ``name``, missing ``root`` for CIFAR, out-of-range
-            ``label_noise`` / ``test_fraction``, or a malformed CIFAR file.
+            ``label_noise`` / ``test_fraction``, ``classes`` that are not distinct labels of the
+            dataset, or a malformed CIFAR file.
         FileNotFoundError: CIFAR files are missing and ``download`` is False.
         ImportError: ``download=True`` but ``torchvision`` is not installed.
     """
@@ -274,10 +292,56 @@ def load_dataset(
                 "(and download=True to fetch it there if it is missing)"
             )
         train, test, info = _load_cifar(name, Path(root).expanduser(), download=download)
+    if classes is not None:
+        check_classes(classes, name)
+        train, test = select_classes(train, classes), select_classes(test, classes)
+        for label, split in (("training", train), ("test", test)):
+            if not len(split):
+                raise ValueError(f"the {label} split of {name} holds no example of the classes {list(classes)}")
+        info = dataclasses.replace(info, num_classes=len(classes), classes=tuple(int(c) for c in classes))
     if label_noise > 0.0:
         noisy = symmetric_label_noise(train.y, label_noise, info.num_classes, noise_seed)
         train = Split(train.x, noisy)
     return train, test, info
+
+
+def check_classes(classes: Sequence[int], dataset: str) -> None:
+    """Raise a ValueError unless ``classes`` are at least two distinct labels of ``dataset``.
+
+    Example:
+        >>> check_classes([5, 6, 10], "digits")
+        Traceback (most recent call last):
+        ...
+        ValueError: classes must be labels of digits, in [0, 10); got 10 in [5, 6, 10]
+    """
+    classes = list(classes)
+    total = NUM_CLASSES[dataset]
+    if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in classes):
+        raise ValueError(f"classes must be integer labels of {dataset}, in [0, {total}); got {classes!r}")
+    outside = [c for c in classes if not 0 <= c < total]
+    if outside:
+        raise ValueError(f"classes must be labels of {dataset}, in [0, {total}); got {outside[0]} in {classes}")
+    if len(set(classes)) != len(classes) or len(classes) < 2:
+        raise ValueError(f"classes must be at least two distinct labels of {dataset}; got {classes}")
+
+
+def select_classes(split: Split, classes: Sequence[int]) -> Split:
+    """The examples of ``split`` whose label is one of ``classes``, relabelled: ``classes[i]`` becomes ``i``.
+
+    The examples keep their order.
+
+    Example:
+        >>> split = Split(torch.zeros(5, 1, 2, 2), torch.tensor([3, 1, 4, 1, 5]))
+        >>> select_classes(split, [1, 5]).y
+        tensor([0, 0, 1])
+    """
+    classes = [int(c) for c in classes]
+    top = max(max(classes), int(split.y.max()) if len(split) else 0) + 1
+    table = torch.full((top,), -1, dtype=torch.int64)  # old label -> new label, -1 for a class left out
+    table[classes] = torch.arange(len(classes))
+    labels = table[split.y.cpu()]
+    keep = labels >= 0
+    return Split(split.x[keep.to(split.x.device)], labels[keep].to(split.y.device))
 
 
 def _load_digits(*, split_seed: int, test_fraction: float) -> tuple[Split, Split, DatasetInfo]:

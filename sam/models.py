@@ -21,6 +21,13 @@ Models (see :data:`MODELS`):
   Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
   Generalization", ICLR 2021.
 
+* ``timm:NAME``: any model of the timm library (the optional ``[timm]`` extra), randomly initialised;
+  :mod:`sam.finetune` loads timm's pretrained weights into it from the local cache.
+
+Every model names its classification head (:func:`head_names`: a ``HEAD`` class attribute, or timm's
+``get_classifier()``), which finetuning on other classes starts afresh; :func:`resize_inputs` makes a
+model upsample small images to the size it was pretrained at.
+
 Initialisation: convolutions are Kaiming-normal (fan_out, ReLU gain) with zero
 bias, BatchNorm has weight 1 and bias 0, and linear layers keep PyTorch's
 default initialisation.  Without BatchNorm, residual networks additionally
@@ -30,8 +37,10 @@ scale the last convolution of every residual branch by ``1 / sqrt(L)``, where
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +53,15 @@ __all__ = [
     "MNIST1DCNN",
     "CifarResNet",
     "WideResNet",
+    "TIMM_PREFIX",
     "available_models",
     "build_model",
+    "is_timm",
+    "timm_model",
+    "import_timm",
+    "head_names",
+    "head_keys",
+    "resize_inputs",
     "digits_cnn",
     "mnist1d_mlp",
     "mnist1d_cnn",
@@ -133,6 +149,8 @@ class DigitsCNN(nn.Module):
             convolutions get biases.
     """
 
+    HEAD = "fc"  # the classification head (see head_names)
+
     def __init__(self, num_classes: int = 10, in_channels: int = 1, batchnorm: bool = True) -> None:
         super().__init__()
         bias = not batchnorm
@@ -166,6 +184,8 @@ class MNIST1DMLP(nn.Module):
     The MLP of the MNIST-1D paper (about 15k parameters for ``L = 40``). Input ``N x C x L``.
     """
 
+    HEAD = "fc3"
+
     def __init__(self, num_classes: int = 10, in_channels: int = 1, length: int = MNIST1D_LENGTH,
                  hidden: int = 100) -> None:
         super().__init__()
@@ -184,6 +204,8 @@ class MNIST1DCNN(nn.Module):
     ``Conv1d(C, 25, 5, stride 2, pad 1)-ReLU, Conv1d(25, 25, 3, stride 2, pad 1)-ReLU`` twice, then
     ``Linear(25 L', num_classes)`` with ``L' = 5`` for ``L = 40``: the CNN of the MNIST-1D paper.
     """
+
+    HEAD = "fc"
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, length: int = MNIST1D_LENGTH,
                  channels: int = 25) -> None:
@@ -271,6 +293,8 @@ class CifarResNet(nn.Module):
     Raises:
         ValueError: If ``depth`` is not of the form ``6n + 2`` with ``n >= 1``.
     """
+
+    HEAD = "fc"
 
     def __init__(
         self,
@@ -367,6 +391,8 @@ class WideResNet(nn.Module):
         ValueError: If ``depth`` is not ``6n + 4`` with ``n >= 1`` or
             ``widen_factor`` is not a positive int.
     """
+
+    HEAD = "fc"
 
     def __init__(
         self,
@@ -493,9 +519,18 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 ``num_classes``, ``in_channels``, ``batchnorm`` and ``skip``."""
 
 
+TIMM_PREFIX = "timm:"
+"""``build_model("timm:NAME")`` builds timm's model NAME (an architecture, optionally with a weights tag)."""
+
+
 def available_models() -> list[str]:
-    """Return the registered model names, sorted."""
+    """Return the registered model names, sorted (``timm:NAME`` models come on top of them)."""
     return sorted(MODELS)
+
+
+def is_timm(name: object) -> bool:
+    """Whether ``name`` names a timm model (``timm:NAME``)."""
+    return isinstance(name, str) and name.startswith(TIMM_PREFIX)
 
 
 def build_model(
@@ -505,32 +540,159 @@ def build_model(
     in_channels: int | None = None,
     batchnorm: bool = True,
     skip: bool = True,
+    image_size: int | None = None,
 ) -> nn.Module:
-    """Build a registered model.
+    """Build a registered model, or timm's model with ``timm:NAME``.
 
     Args:
-        name: One of :func:`available_models`.
+        name: One of :func:`available_models`, or ``timm:NAME`` with NAME a timm architecture
+            (``resnet18``), optionally with its weights tag (``tf_efficientnet_b0.aa_in1k``); timm's
+            random initialisation, never its pretrained weights (see :mod:`sam.finetune`).
         num_classes: Number of output logits.
         in_channels: Number of input channels; ``None`` uses the model's
-            default (1 for ``digits_cnn`` and the MNIST-1D models, 3 for the CIFAR models).
-        batchnorm: If False, build the variant without BatchNorm.
+            default (1 for ``digits_cnn`` and the MNIST-1D models, 3 for the CIFAR and timm models).
+        batchnorm: If False, build the variant without BatchNorm (registered models only).
         skip: If False, build the variant without shortcut connections
             (residual networks only).
+        image_size: The input size a timm model is built for, passed to architectures that take
+            ``img_size`` (vision transformers); convolutional networks, and every registered model,
+            take any size.
 
     Returns:
         The freshly initialised model, in training mode.
 
     Raises:
-        ValueError: If ``name`` is not registered, an argument has the wrong
+        ValueError: If ``name`` is not registered (nor a timm model), an argument has the wrong
             type or value, or a flag is not supported by the model.
+        ImportError: ``timm:NAME`` without timm installed.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model name {name!r}; available models: {', '.join(available_models())}")
     _check_positive_int("num_classes", num_classes)
     _check_bool("batchnorm", batchnorm)
     _check_bool("skip", skip)
-    kwargs: dict[str, object] = {"num_classes": num_classes, "batchnorm": batchnorm, "skip": skip}
     if in_channels is not None:
         _check_positive_int("in_channels", in_channels)
+    if is_timm(name):
+        if not (batchnorm and skip):
+            raise ValueError(f"{name!r} is timm's architecture as timm builds it: batchnorm=False and skip=False "
+                             "apply to the registered models only")
+        return timm_model(name.removeprefix(TIMM_PREFIX), num_classes=num_classes, in_channels=in_channels or 3,
+                          image_size=image_size)
+    if name not in MODELS:
+        raise ValueError(f"unknown model name {name!r}; available models: {', '.join(available_models())}, "
+                         f"or {TIMM_PREFIX}NAME for timm's model NAME")
+    kwargs: dict[str, object] = {"num_classes": num_classes, "batchnorm": batchnorm, "skip": skip}
+    if in_channels is not None:
         kwargs["in_channels"] = in_channels
     return MODELS[name](**kwargs)
+
+
+# --------------------------------------------------------------------------- #
+# timm models, classification heads, input resizing
+# --------------------------------------------------------------------------- #
+def import_timm() -> Any:
+    """The ``timm`` module, or an ImportError that says how to install it."""
+    try:
+        import timm
+    except ImportError:
+        raise ImportError("timm models (timm:NAME) need timm: pip install sam-landscape[timm]") from None
+    return timm
+
+
+def timm_model(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    in_channels: int = 3,
+    image_size: int | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """timm's model ``name`` (``timm.create_model``), randomly initialised or loaded from ``weights``.
+
+    Args:
+        name: A timm architecture, optionally with a weights tag (``resnet18.a1_in1k``).
+        num_classes: Logits of the head; ``None``: the number of classes of timm's pretrained weights
+            for ``name`` (1000 for ImageNet).
+        in_channels: Input channels; timm adapts pretrained first-layer filters to them.
+        image_size: Passed as ``img_size`` to architectures that take it (vision transformers, whose
+            position embeddings timm resamples); ignored by the others, which take any size.
+        weights: A state_dict of ``name`` (timm's pretrained weights), loaded the way timm loads its
+            pretrained weights (the stem adapted to ``in_channels``, a head of another size left out);
+            ``None``: timm's random initialisation. Nothing is downloaded either way.
+
+    Raises:
+        ImportError: timm is not installed.
+        ValueError: timm has no model ``name``.
+    """
+    timm = import_timm()
+    architecture = name.split(".", 1)[0]
+    if not timm.is_model(architecture):
+        raise ValueError(f"timm has no model {architecture!r} (from {TIMM_PREFIX}{name}); list them with "
+                         f"python -c \"import timm; print(timm.list_models('*{architecture[:5]}*'))\"")
+    kwargs: dict[str, Any] = {"in_chans": in_channels}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if weights is not None:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"state_dict": weights})
+    if image_size is None:
+        return timm.create_model(name, **kwargs)
+    try:
+        return timm.create_model(name, img_size=image_size, **kwargs)
+    except TypeError as error:
+        if "img_size" not in str(error):
+            raise
+        return timm.create_model(name, **kwargs)  # a convolutional network: it takes any size
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """The module names of ``model``'s classification head, the last layer(s) that map features to logits.
+
+    A model names its head with a ``HEAD`` class attribute (every registered model does: ``fc``, or
+    ``fc3`` for the MNIST-1D MLP); a timm model tells it with ``get_classifier()`` (``fc``, ``classifier``,
+    ``head``, ``head.fc``, ...; two modules for distilled transformers).
+
+    Example:
+        >>> head_names(build_model("mnist1d_mlp"))
+        ['fc3']
+
+    Raises:
+        ValueError: ``model`` has neither.
+    """
+    name = getattr(type(model), "HEAD", None)
+    if isinstance(name, str):
+        return [name]
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        found = get_classifier()
+        heads = found if isinstance(found, (tuple, list)) else (found,)
+        names = [n for n, m in model.named_modules() if n and any(m is head for head in heads)]
+        if names:
+            return names
+    raise ValueError(f"cannot tell which layer of {type(model).__name__} is its classification head: give the "
+                     "class a HEAD attribute naming it (HEAD = 'fc'), or a get_classifier() method as timm models have")
+
+
+def head_keys(model: nn.Module) -> list[str]:
+    """The ``state_dict`` keys of ``model``'s classification head (:func:`head_names`)."""
+    prefixes = tuple(name + "." for name in head_names(model))
+    return [key for key in model.state_dict() if key.startswith(prefixes)]
+
+
+def resize_inputs(model: nn.Module, size: int) -> nn.Module:
+    """Make ``model`` resize its input images to ``size x size`` as its first operation; returns it.
+
+    Bilinear interpolation (``F.interpolate``, ``align_corners=False``) in a forward pre-hook, so that
+    the model takes the dataset's images as they are stored (CIFAR's 32 x 32) while its layers see the
+    size they were pretrained at (224 x 224 for ImageNet models). The hook holds no state: the
+    ``state_dict`` is the network's own, and analyses that rebuild the model from its run resize the
+    same way.
+    """
+    _check_positive_int("image size", size)
+    model.register_forward_pre_hook(functools.partial(_resize_first_input, size=size))
+    return model
+
+
+def _resize_first_input(module: nn.Module, args: tuple[Any, ...], *, size: int) -> tuple[Any, ...]:
+    x = args[0]
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x, *args[1:])

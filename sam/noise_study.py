@@ -350,10 +350,11 @@ def run_noise_study(
         key = (run_config.label_noise, run_config.seed)
         if key not in noisy_labels:  # the labels this run trained on, as train() loads them
             train_split, _, _ = load_dataset(run_config.dataset, root=run_config.data_root, label_noise=key[0],
-                                             noise_seed=key[1], test_fraction=run_config.test_fraction)
+                                             noise_seed=key[1], test_fraction=run_config.test_fraction,
+                                             classes=run_config.classes)
             if clean is None:
                 clean = load_dataset(run_config.dataset, root=run_config.data_root,
-                                     test_fraction=run_config.test_fraction)[0].y
+                                     test_fraction=run_config.test_fraction, classes=run_config.classes)[0].y
             noisy_labels[key] = train_split.y
         flipped = float((noisy_labels[key] != clean).double().mean())
         row = {"name": name, "optimizer": run_config.optimizer, "rho": run_config.rho, "noise": run_config.label_noise,

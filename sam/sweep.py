@@ -145,11 +145,13 @@ def _convert(name: str, text: str, where: str) -> Any:
         if kind is float:
             return float(word)
         if typing.get_origin(kind) is list:
-            return [float(part) for part in word.split(":")]
+            item = typing.get_args(kind)[0]
+            return [item(part) for part in word.split(":")]
         return word
     except ValueError:
-        wanted = {bool: "true or false", int: "an integer", float: "a number"}.get(
-            kind, "numbers separated by ':' (e.g. 0.5:0.75)")
+        wanted = {bool: "true or false", int: "an integer", float: "a number"}.get(kind) or (
+            "integers separated by ':' (e.g. 5:6:7)" if typing.get_args(kind) == (int,)
+            else "numbers separated by ':' (e.g. 0.5:0.75)")
         raise ValueError(f"{where}: {name} takes {wanted}{' or none' if optional else ''}; got {text!r}") from None
 
 

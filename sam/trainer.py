@@ -3,7 +3,8 @@
 A run lives in one directory:
 
 * ``config.json``: the full resolved :class:`TrainConfig` plus what was derived from it (device,
-  dataset, parameter count, library versions);
+  dataset, parameter count, library versions, and for a finetuning run the weights file it started
+  from with its SHA-256, :class:`sam.finetune.InitRecord`);
 * ``model.pt``: the model's plain ``state_dict`` after the last finished epoch
   (``torch.load(path, weights_only=True)``);
 * ``state.pt``: everything a resume needs (model, optimizer, scheduler, grad scaler, RNG, epoch);
@@ -55,8 +56,9 @@ from landscape.storage import (
 
 from . import __version__, distributed
 from ._checks import at_least, one_of
-from .data import BUILT_IN_DATASETS, DATASET_NAMES, DeviceLoader, Split, load_dataset
-from .models import available_models, build_model
+from .data import BUILT_IN_DATASETS, DATASET_NAMES, DatasetInfo, DeviceLoader, Split, check_classes, load_dataset
+from .finetune import InitRecord, check_init_unchanged, load_init, pretrained_timm, timm_init_name
+from .models import TIMM_PREFIX, available_models, build_model, is_timm, resize_inputs
 from .optim import BASE_OPTIMIZERS, OPTIMIZERS, SAM, available_optimizers, create, wrapper_arguments
 from .step import check_distributed_settings, train_step
 
@@ -73,6 +75,7 @@ __all__ = [
     "final_metrics",
     "LoadedRun",
     "load_run",
+    "build_network",
     "checkpoint_sha256",
 ]
 
@@ -100,6 +103,13 @@ class TrainConfig:
     ``batch_size`` is the global batch: under ``torchrun`` with ``N`` processes each replica holds
     ``batch_size / N`` examples (and with per-replica perturbations, SAM's ``m`` is that share).
     ``sync_perturbation`` only matters under DDP (:func:`sam.step.train_step`).
+
+    Finetuning (:mod:`sam.finetune`): ``init_from`` starts the run from a run directory's weights, a
+    weights file, or timm's pretrained ``timm:NAME`` (then the model is ``timm:NAME``); ``reset_head``
+    starts the classification head afresh for the dataset's classes. ``classes`` keeps a subset of the
+    dataset's classes (:func:`sam.data.select_classes`), so that a model trained on some classes can
+    be finetuned on others. ``image_size`` makes the model upsample its input images (CIFAR's 32 x 32 to
+    the 224 x 224 an ImageNet model was trained at) as its first operation.
     """
 
     dataset: str = "digits"
@@ -108,10 +118,14 @@ class TrainConfig:
     label_noise: float = 0.0
     augment: bool | None = None  # None: on for CIFAR, off for digits
     test_fraction: float = 0.2
+    classes: list[int] | None = None  # None: every class; else these, relabelled 0..k-1 in this order
 
-    model: str | None = None  # None: the dataset's own (DEFAULT_MODELS)
+    model: str | None = None  # None: the dataset's own (DEFAULT_MODELS), or timm:NAME with init_from timm:NAME
     batchnorm: bool = True
     skip: bool = True
+    image_size: int | None = None  # None: the dataset's; else the model upsamples its inputs to this size
+    init_from: str | None = None  # a run directory, a weights file or timm:NAME (sam.finetune)
+    reset_head: bool = False
 
     optimizer: str = "sgd"
     base_optimizer: str = "sgd"
@@ -145,6 +159,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         one_of("dataset", self.dataset, DATASET_NAMES)
+        self._check_finetuning()
         if self.model is None:
             self.model = DEFAULT_MODELS[self.dataset]
         if self.model != CUSTOM_MODEL and (self.dataset == "mnist1d") != (self.model in SIGNAL_MODELS):
@@ -152,7 +167,12 @@ class TrainConfig:
             raise ValueError(f"model {self.model!r} does not take the inputs of dataset {self.dataset!r} ("
                              f"{'1-D signals' if self.dataset == 'mnist1d' else 'images'}); "
                              f"models for {self.dataset}: {', '.join(fitting)}")
-        one_of("model", self.model, [*available_models(), CUSTOM_MODEL])
+        if is_timm(self.model):
+            if self.model == TIMM_PREFIX:
+                raise ValueError(f"model must name a timm model after {TIMM_PREFIX} ({TIMM_PREFIX}resnet18); "
+                                 f"got {self.model!r}")
+        else:
+            one_of("model", self.model, [*available_models(), CUSTOM_MODEL])
         one_of("optimizer", self.optimizer, available_optimizers())
         one_of("base_optimizer", self.base_optimizer, sorted(BASE_OPTIMIZERS))
         one_of("schedule", self.schedule, SCHEDULES)
@@ -183,6 +203,33 @@ class TrainConfig:
             raise ValueError("augment (pad-4 crop and flip of images) does not apply to mnist1d's 1-D signals")
         if self.dataset not in BUILT_IN_DATASETS and self.data_root is None and not self.download:
             raise ValueError(f"dataset {self.dataset!r} needs data_root (a directory with the files) or download=True")
+
+    def _check_finetuning(self) -> None:
+        """``init_from``, ``reset_head``, ``classes`` and ``image_size``; ``model`` from ``init_from`` timm:NAME."""
+        if self.classes is not None:
+            check_classes(self.classes, self.dataset)
+            self.classes = [int(c) for c in self.classes]  # a list, as config.json gives it back
+        if self.image_size is not None:
+            at_least("image_size", self.image_size, 1)
+            if self.dataset == "mnist1d":
+                raise ValueError("image_size must be left out for mnist1d: it resizes images, and mnist1d holds "
+                                 "1-D signals")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise ValueError(f"init_from must be a run directory, a weights file or timm:NAME; got {self.init_from!r}")
+        if self.reset_head and self.init_from is None:
+            raise ValueError("reset_head must come with init_from: it starts afresh the head of the weights "
+                             "init_from gives")
+        name = timm_init_name(self.init_from)
+        if name is None:
+            return
+        if not name:
+            raise ValueError(f"init_from must name timm's pretrained weights after {TIMM_PREFIX} "
+                             f"({TIMM_PREFIX}resnet18.a1_in1k); got {self.init_from!r}")
+        if self.model is None:
+            self.model = self.init_from
+        elif self.model != self.init_from:
+            raise ValueError(f"model must be left out or be {self.init_from} with init_from {self.init_from} "
+                             f"(timm's {name} is the model); got {self.model!r}")
 
     @property
     def uses_augmentation(self) -> bool:
@@ -375,6 +422,7 @@ def train(
         label_noise=config.label_noise,
         noise_seed=config.seed,
         test_fraction=config.test_fraction,
+        classes=config.classes,
     )
     if distributed.is_main():
         distributed.barrier()
@@ -383,14 +431,11 @@ def train(
             f"pass model=<nn.Module> together with config.model={CUSTOM_MODEL!r}, or neither "
             f"(got config.model={config.model!r} and model={type(model).__name__ if model is not None else None})"
         )
+    init: InitRecord | None = None
     if model is None:
-        model = build_model(
-            config.model,
-            num_classes=info.num_classes,
-            in_channels=info.in_channels,
-            batchnorm=config.batchnorm,
-            skip=config.skip,
-        )
+        model, init = build_network(config, info, init=not resume)
+    elif config.init_from is not None and not resume:
+        init = load_init(model, config.init_from, reset_head=config.reset_head, model_name=type(model).__name__)
     model = model.to(device)
     optimizer = build_optimizer(config, model.parameters())
     base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
@@ -434,6 +479,8 @@ def train(
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "versions": {"sam_landscape": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
+        if init is not None:
+            derived["init"] = init.to_dict()
         atomic_write_json(config_path, {"config": dataclasses.asdict(config), "derived": derived})
         atomic_write_text(metrics_path, "")
     # The module the optimizer steps (and checkpoints save) stays `model`; DDP only wraps its passes.
@@ -650,6 +697,8 @@ def _resumable(out: Path, config: TrainConfig, replicas: int, *, resume: bool, o
                                   "again from scratch, or choose another --out")
         _check_same_config(config, config_path)
         _check_same_replicas(config, config_path, replicas)
+        derived = _read_run_json(config_path).get("derived")
+        check_init_unchanged(derived.get("init") if isinstance(derived, dict) else None, out)
         return True
     if config_path.exists():
         try:
@@ -844,13 +893,39 @@ def load_run(path: str | Path, *, device: str | torch.device = "cpu") -> LoadedR
         )
     train_split, test_split, info = load_dataset(
         config.dataset, root=config.data_root, download=False, label_noise=config.label_noise,
-        noise_seed=config.seed, test_fraction=config.test_fraction,
+        noise_seed=config.seed, test_fraction=config.test_fraction, classes=config.classes,
     )
-    model = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                        batchnorm=config.batchnorm, skip=config.skip)
+    model, _ = build_network(config, info)  # the run's weights hold everything: its init is not read
     _load_state_dict(model, load_weights(checkpoint), checkpoint, config.model)
     model.to(torch.device(device)).eval()
     return LoadedRun(model, config, train_split, test_split, run_dir, checkpoint, checkpoint_sha256(checkpoint))
+
+
+def build_network(config: TrainConfig, info: DatasetInfo, *, init: bool = False) -> tuple[nn.Module, InitRecord | None]:
+    """The network of a run: ``config.model`` with a head for the ``info.num_classes`` classes.
+
+    It upsamples its inputs to ``config.image_size`` when that differs from the dataset's
+    (:func:`sam.models.resize_inputs`; a timm transformer is built for that size, or the dataset's).
+    With ``init``, its weights come from ``config.init_from`` (:mod:`sam.finetune`), all but the head
+    with ``config.reset_head``; otherwise it is freshly initialised (a run's own weights are loaded on top).
+
+    Returns:
+        The model, and what its weights were loaded from (``None`` without ``init`` or ``init_from``).
+    """
+    size = config.image_size or info.image_size
+    record = None
+    name = timm_init_name(config.init_from) if init else None
+    if name is not None:
+        model, record = pretrained_timm(name, num_classes=info.num_classes, in_channels=info.in_channels,
+                                        image_size=size, reset_head=config.reset_head)
+    else:
+        model = build_model(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                            batchnorm=config.batchnorm, skip=config.skip, image_size=size)
+        if init and config.init_from is not None:
+            record = load_init(model, config.init_from, reset_head=config.reset_head, model_name=config.model)
+    if config.image_size is not None and config.image_size != info.image_size:
+        resize_inputs(model, config.image_size)
+    return model, record
 
 
 def _load_state_dict(model: nn.Module, state: Any, checkpoint: Path, name: str) -> None:

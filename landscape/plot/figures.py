@@ -15,7 +15,11 @@ read them back from saved results; :func:`hessian_data` builds a Hessian entry f
   ``"density"``;
 * a sharpness curve: a dict with ``"m"``, ``"value"`` and ``"std_error"`` lists;
 * training metrics: a list of per-epoch dicts with ``epoch``, ``train_loss``, ``test_loss``,
-  ``train_acc``, ``test_acc``.
+  ``train_acc``, ``test_acc``;
+* the paper's sweep figures (:mod:`sam.figure_data` builds them from a sweep directory): error-reduction
+  rows (``setting``, ``reduction``, ``reduction_spread`` as fractions), error-vs-rho lines (``label``,
+  ``rho``, ``error``, ``spread`` lists) and baselines (``label``, ``error``, ``spread``), and spectra over
+  training (``{run label: [{"epoch", "eigenvalues", "density_grid", "density"}, ...]}``).
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ __all__ = [
     "kendall_vs_m",
     "training_curves",
     "label_noise",
+    "error_reduction",
+    "error_vs_rho",
+    "spectrum_evolution",
 ]
 
 ONE_COLUMN = 3.25  # inches
@@ -368,4 +375,89 @@ def label_noise(rows: Sequence[Mapping[str, Any]], *, width: float = ONE_COLUMN)
                         markersize=3, capsize=2)
         ax.set(xlabel="label noise (%)", ylabel="clean test accuracy (%)", title="robustness to label noise")
         ax.legend()
+    return fig
+
+
+def error_reduction(rows: Sequence[Mapping[str, Any]], *, width: float = ONE_COLUMN) -> Figure:
+    """SAM's relative test-error reduction over SGD, one bar per setting, sorted (Foret et al. 2021, Fig. 1 left).
+
+    ``rows`` hold ``setting`` (its label), ``reduction`` = mean over seeds of ``(e_SGD - e_SAM) / e_SGD``
+    and ``reduction_spread`` (the standard deviation over seeds, drawn as an error bar), as fractions.
+    """
+    if not rows:
+        raise ValueError("pass at least one error-reduction row ({'setting', 'reduction', 'reduction_spread'})")
+    ordered = sorted(rows, key=lambda r: r["reduction"])
+    values = np.array([100 * r["reduction"] for r in ordered], dtype=np.float64)
+    spreads = np.array([100 * (r.get("reduction_spread") or 0.0) for r in ordered], dtype=np.float64)
+    with paper_style():
+        fig = Figure(figsize=(width, max(1.6, 0.9 + 0.22 * len(ordered))), layout="constrained")
+        ax = fig.subplots()
+        colours = [_colour(0) if v >= 0 else _colour(1) for v in values]
+        ax.barh(np.arange(len(ordered)), values, xerr=spreads, color=colours, height=0.7, capsize=2,
+                error_kw={"elinewidth": 0.8})
+        ax.axvline(0.0, color="black", linewidth=0.6)
+        ax.set_yticks(np.arange(len(ordered)), [r["setting"] for r in ordered], fontsize=6)
+        ax.set(xlabel="error reduction of SAM over SGD (%)", title="SAM vs SGD across settings")
+        ax.grid(axis="y", visible=False)
+    return fig
+
+
+def error_vs_rho(lines: Sequence[Mapping[str, Any]], baselines: Sequence[Mapping[str, Any]] = (), *,
+                 width: float = ONE_COLUMN) -> Figure:
+    """Test error against rho, one line per m with a band of one standard deviation over seeds
+    (Foret et al. 2021, Fig. 3 middle); each baseline (SGD) a dashed horizontal line with its band."""
+    if not lines:
+        raise ValueError("pass at least one error-vs-rho line ({'label', 'rho', 'error', 'spread'})")
+    with paper_style():
+        fig = Figure(figsize=(width, width * 0.8), layout="constrained")
+        ax = fig.subplots()
+        for i, line in enumerate(lines):
+            rho = np.asarray(line["rho"], dtype=np.float64)
+            error = 100 * np.asarray(line["error"], dtype=np.float64)
+            spread = 100 * np.asarray(line.get("spread", np.zeros_like(error)), dtype=np.float64)
+            ax.plot(rho, error, "o-", color=_colour(i), label=line["label"], markersize=3)
+            ax.fill_between(rho, error - spread, error + spread, color=_colour(i), alpha=0.2, linewidth=0)
+        for j, base in enumerate(baselines):
+            colour = _colour(len(lines) + j)
+            error, spread = 100 * base["error"], 100 * (base.get("spread") or 0.0)
+            ax.axhline(error, color=colour, linestyle="--", linewidth=1.0, label=base["label"])
+            ax.axhspan(error - spread, error + spread, color=colour, alpha=0.12, linewidth=0)
+        ax.set(xlabel=r"$\rho$", ylabel="test error (%)", title=r"test error against $\rho$")
+        ax.legend()
+    return fig
+
+
+def spectrum_evolution(spectra: Mapping[str, Sequence[Mapping[str, Any]]], *, width: float = TWO_COLUMN) -> Figure:
+    """The Hessian spectrum at several epochs of each run (Foret et al. 2021, Fig. 3 left): one panel per
+    run with the eigenvalue density (log scale; the top eigenvalues as markers where no density was
+    computed), darker for later epochs, and a last panel with ``lambda_max`` against the epoch."""
+    if not spectra or not all(spectra.values()):
+        raise ValueError("pass each run's spectra: {label: [{'epoch', 'eigenvalues', ...}, ...]}, at least one epoch each")
+    with paper_style():
+        fig = Figure(figsize=(width, width * 0.3), layout="constrained")
+        axes = fig.subplots(1, len(spectra) + 1, squeeze=False)[0]
+        cmap = matplotlib.colormaps["viridis"]
+        for ax, (label, entries) in zip(axes, spectra.items()):
+            ordered = sorted(entries, key=lambda e: e["epoch"])
+            for j, entry in enumerate(ordered):
+                colour = cmap(0.85 * (1 - j / max(1, len(ordered) - 1)))  # late epochs dark
+                if "density" in entry:
+                    ax.semilogy(entry["density_grid"], np.maximum(entry["density"], 1e-12), color=colour,
+                                label=f"epoch {entry['epoch']}")
+                else:
+                    values = np.asarray(entry["eigenvalues"], dtype=np.float64)
+                    ax.semilogy(values, np.full(len(values), 1.0 / len(values)), "|", color=colour, markersize=8,
+                                label=f"epoch {entry['epoch']}")
+            with_density = any("density" in e for e in ordered)
+            ax.set(xlabel="eigenvalue", ylabel="density (log)" if with_density else "top eigenvalues", title=label)
+            if with_density:
+                ax.set_ylim(1e-6, None)
+            ax.legend(fontsize=5)
+        top = axes[-1]
+        for i, (label, entries) in enumerate(spectra.items()):
+            ordered = sorted(entries, key=lambda e: e["epoch"])
+            top.plot([e["epoch"] for e in ordered], [float(np.max(e["eigenvalues"])) for e in ordered], "o-",
+                     color=_colour(i), label=label, markersize=3)
+        top.set(xlabel="epoch", ylabel=r"$\lambda_{max}$", yscale="log", title=r"$\lambda_{max}$ during training")
+        top.legend()
     return fig

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
 from .figures import PALETTE, _check_2d, _shared_zmax, surface_z, trajectory_in_plane
@@ -25,6 +26,9 @@ __all__ = [
     "kendall_vs_m",
     "training_curves",
     "label_noise",
+    "error_reduction",
+    "error_vs_rho",
+    "spectrum_evolution",
 ]
 
 _LAYOUT = {"template": "plotly_white", "font": {"size": 12}, "margin": {"l": 50, "r": 20, "t": 75, "b": 45}}
@@ -192,3 +196,70 @@ def label_noise(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
     fig.update_xaxes(title_text="label noise (%)")
     fig.update_yaxes(title_text="clean test accuracy (%)")
     return _finish(fig, "Robustness to label noise")
+
+
+def error_reduction(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """SAM's relative test-error reduction over SGD per setting, sorted, with the spread over seeds."""
+    if not rows:
+        raise ValueError("pass at least one error-reduction row ({'setting', 'reduction', 'reduction_spread'})")
+    ordered = sorted(rows, key=lambda r: r["reduction"])
+    values = [100 * r["reduction"] for r in ordered]
+    fig = go.Figure(go.Bar(
+        x=values, y=[r["setting"] for r in ordered], orientation="h", name="SAM vs SGD",
+        marker_color=[_colour(0) if v >= 0 else _colour(1) for v in values],
+        error_x={"type": "data", "array": [100 * (r.get("reduction_spread") or 0.0) for r in ordered]},
+        hovertemplate="%{y}<br>error reduction %{x:.2f}%<extra></extra>"))
+    fig.update_xaxes(title_text="error reduction of SAM over SGD (%)")
+    return _finish(fig, "SAM vs SGD across settings", height=max(300, 120 + 28 * len(ordered)))
+
+
+def error_vs_rho(lines: Sequence[Mapping[str, Any]], baselines: Sequence[Mapping[str, Any]] = ()) -> go.Figure:
+    """Test error against rho, one line per m with its seed band; baselines as dashed horizontal lines."""
+    if not lines:
+        raise ValueError("pass at least one error-vs-rho line ({'label', 'rho', 'error', 'spread'})")
+    fig = go.Figure()
+    for i, line in enumerate(lines):
+        rho = np.asarray(line["rho"], dtype=np.float64)
+        error = 100 * np.asarray(line["error"], dtype=np.float64)
+        spread = 100 * np.asarray(line.get("spread", np.zeros_like(error)), dtype=np.float64)
+        colour = _colour(i)
+        fig.add_trace(go.Scatter(x=np.concatenate([rho, rho[::-1]]), y=np.concatenate([error + spread, (error - spread)[::-1]]),
+                                 fill="toself", fillcolor=colour, opacity=0.2, line={"width": 0}, hoverinfo="skip",
+                                 legendgroup=line["label"], showlegend=False))
+        fig.add_trace(go.Scatter(x=rho, y=error, mode="lines+markers", name=line["label"], line={"color": colour},
+                                 legendgroup=line["label"], error_y={"type": "data", "array": spread, "visible": False}))
+    for j, base in enumerate(baselines):
+        fig.add_hline(y=100 * base["error"], line_dash="dash", line_color=_colour(len(lines) + j),
+                      annotation_text=f"{base['label']} {100 * base['error']:.2f}%")
+    fig.update_xaxes(title_text="rho")
+    fig.update_yaxes(title_text="test error (%)")
+    return _finish(fig, "Test error against rho")
+
+
+def spectrum_evolution(spectra: Mapping[str, Sequence[Mapping[str, Any]]]) -> go.Figure:
+    """The Hessian eigenvalue density at several epochs of each run, and lambda_max against the epoch."""
+    if not spectra or not all(spectra.values()):
+        raise ValueError("pass each run's spectra: {label: [{'epoch', 'eigenvalues', ...}, ...]}, at least one epoch each")
+    fig = make_subplots(rows=1, cols=len(spectra) + 1, subplot_titles=[*spectra, "lambda_max during training"])
+    for col, (label, entries) in enumerate(spectra.items(), start=1):
+        ordered = sorted(entries, key=lambda e: e["epoch"])
+        for j, entry in enumerate(ordered):
+            shade = 0.85 * (1 - j / max(1, len(ordered) - 1))
+            colour = sample_colorscale("Viridis", [shade])[0]  # late epochs dark, as in the PNG
+            if "density" in entry:
+                x, y, mode = entry["density_grid"], np.maximum(entry["density"], 1e-12), "lines"
+            else:
+                x = np.asarray(entry["eigenvalues"], dtype=np.float64)
+                y, mode = np.full(len(x), 1.0 / len(x)), "markers"
+            fig.add_trace(go.Scatter(x=x, y=y, mode=mode, name=f"{label} epoch {entry['epoch']}", line={"color": colour},
+                                     marker={"color": colour, "symbol": "line-ns-open", "size": 12}), 1, col)
+        fig.update_yaxes(type="log", row=1, col=col)
+        fig.update_xaxes(title_text="eigenvalue", row=1, col=col)
+    for i, (label, entries) in enumerate(spectra.items()):
+        ordered = sorted(entries, key=lambda e: e["epoch"])
+        fig.add_trace(go.Scatter(x=[e["epoch"] for e in ordered], y=[float(np.max(e["eigenvalues"])) for e in ordered],
+                                 mode="lines+markers", name=f"{label} lambda_max", line={"color": _colour(i)}),
+                      1, len(spectra) + 1)
+    fig.update_yaxes(type="log", row=1, col=len(spectra) + 1)
+    fig.update_xaxes(title_text="epoch", row=1, col=len(spectra) + 1)
+    return _finish(fig, "Hessian spectrum during training")

@@ -1,7 +1,7 @@
 """The ``sam-landscape`` command line: a thin layer over the Python API, one module per command.
 
 Each command module (``train``, ``hessian``, ``surface``, ``sharpness``, ``study``, ``noise_study``,
-``sweep``, ``compare``, ``demo``, ``presets``) holds its parser (``register``) and its body (``run``); the flags
+``sweep``, ``compare``, ``plot``, ``demo``, ``presets``) holds its parser (``register``) and its body (``run``); the flags
 several commands share live in :mod:`._options`. No command imports another.
 
 Errors in the input (a bad flag, an unknown model, a missing or corrupt file, a run directory that
@@ -22,12 +22,12 @@ from landscape import distributed
 from landscape.objective import NondeterministicObjective
 
 from ..trainer import TrainingDiverged
-from . import compare, demo, hessian, noise_study, presets, sharpness, study, surface, sweep, train
+from . import compare, demo, hessian, noise_study, plot, presets, sharpness, study, surface, sweep, train
 from ._options import EXIT_USAGE, PROG, Parser, one_line
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-COMMANDS = (train, hessian, surface, sharpness, study, noise_study, sweep, compare, demo, presets)
+COMMANDS = (train, hessian, surface, sharpness, study, noise_study, sweep, compare, plot, demo, presets)
 DISTRIBUTED_COMMANDS = ("train", "hessian", "surface")  # the subcommands that run under torchrun
 
 _RESUME_HINTS = {
@@ -35,6 +35,7 @@ _RESUME_HINTS = {
     "hessian": "resume with --resume",
     "sharpness": "rerun the command",
     "presets": "rerun the command",
+    "plot": "rerun the command (finished analyses are kept)",
 }
 
 

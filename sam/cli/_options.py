@@ -20,7 +20,7 @@ from ..analyses import Inputs
 from ..subjects import Subject, callable_subject
 from ..compare import CompareConfig
 from ..data import BUILT_IN_DATASETS, DATASET_NAMES
-from ..models import available_models
+from ..models import TIMM_PREFIX, available_models, is_timm
 from ..optim import BASE_OPTIMIZERS, available_optimizers
 from ..presets import preset_config
 from ..trainer import AMP_MODES, DEFAULT_MODELS, SCHEDULES, TrainConfig, resolve_device
@@ -38,9 +38,19 @@ _TRAIN_HELP: dict[str, str] = {
     "label_noise": "fraction of training labels flipped to another class (symmetric noise, seeded)",
     "augment": "pad-4 random crop + flip on the device; default: on for CIFAR, off for digits and mnist1d",
     "test_fraction": "held-out fraction of digits used as the test split (stratified)",
-    "model": "network architecture; default: the dataset's own (digits_cnn; mnist1d_mlp for mnist1d)",
+    "classes": "keep only these classes (comma-separated labels, ranges such as 5-9), relabelled 0..k-1 in the "
+    "order given, in the training and test splits; default: every class",
+    "model": "network architecture, or timm:NAME for timm's model NAME (the model of --init-from timm:NAME); "
+    "default: the dataset's own (digits_cnn; mnist1d_mlp for mnist1d)",
     "batchnorm": "use BatchNorm (--no-batchnorm builds the variant without it)",
     "skip": "use skip connections (--no-skip builds Li et al.'s noshort ResNets)",
+    "image_size": "the model upsamples its input images to this size first (224 for an ImageNet model on "
+    "CIFAR's 32x32); default: the dataset's size",
+    "init_from": "finetune: start from these weights instead of a random initialisation: a run directory of "
+    "train (its model.pt), a weights file (a state_dict saved with torch.save, or .safetensors), or timm:NAME for "
+    "timm's pretrained weights, read from the local Hugging Face or timm cache (never downloaded)",
+    "reset_head": "with --init-from: start the classification head afresh for this dataset's classes (needed "
+    "when their number differs from the init's)",
     "optimizer": "plain base optimizer or SAM variant",
     "base_optimizer": "the base optimizer a SAM variant wraps",
     "lr": "peak learning rate",
@@ -74,12 +84,14 @@ _TRAIN_HELP: dict[str, str] = {
 
 _CHOICES: dict[str, Sequence[str]] = {
     "dataset": DATASET_NAMES,
-    "model": available_models(),
     "optimizer": available_optimizers(),
     "base_optimizer": sorted(BASE_OPTIMIZERS),
     "schedule": SCHEDULES,
     "amp": AMP_MODES,
 }
+
+
+_MODELS_METAVAR = "{" + ",".join(available_models()) + f",{TIMM_PREFIX}NAME}}"
 
 
 class Parser(argparse.ArgumentParser):
@@ -170,6 +182,32 @@ def positive_int(value: str) -> int:
     return number
 
 
+def model_name(value: str) -> str:
+    """An argparse type: a registered model, or ``timm:NAME``."""
+    if value in available_models() or (is_timm(value) and value != TIMM_PREFIX):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from "
+                                     f"{', '.join(map(repr, available_models()))}, or {TIMM_PREFIX}NAME)")
+
+
+def class_list(value: str) -> list[int]:
+    """An argparse type: class labels, comma-separated, with inclusive ranges (``0,2,5-9``).
+
+    Example:
+        >>> class_list("0,2,5-7")
+        [0, 2, 5, 6, 7]
+    """
+    labels: list[int] = []
+    for part in value.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            labels += list(range(int(first), int(last) + 1)) if dash else [int(first)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes class labels separated by commas, with ranges such as 5-9 "
+                                             f"(0,1,2 or 5-9); got {value!r}") from None
+    return labels
+
+
 def device_name(value: str) -> str:
     """An argparse type: ``auto`` or a device torch knows (``torch.device`` would raise a RuntimeError later)."""
     try:
@@ -202,6 +240,17 @@ class _BooleanExplicit(_Explicit, argparse.BooleanOptionalAction):
     pass
 
 
+_TYPES: dict[str, tuple[Callable[[str], Any], str | None]] = {
+    "model": (model_name, _MODELS_METAVAR),
+    "classes": (class_list, "C1,C2,..."),
+    "image_size": (positive_int, "PIXELS"),
+    "init_from": (str, "RUN|FILE|timm:NAME"),
+    "data_root": (str, None),
+    "device": (device_name, None),
+}
+"""The TrainConfig fields whose flags parse their value with a function of their own (and their metavar)."""
+
+
 def add_train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | None = None,
                     exclude: Sequence[str] = ()) -> None:
     """One flag per :class:`TrainConfig` field (but ``exclude``), with ``defaults``' values as defaults."""
@@ -220,10 +269,10 @@ def add_train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | Non
             kwargs.update(choices=list(_CHOICES[f.name]), metavar="{" + ",".join(_CHOICES[f.name]) + "}")
         if isinstance(default, bool) or f.name == "augment":
             kwargs["action"] = _BooleanExplicit
+        elif f.name in _TYPES:
+            kwargs["type"], kwargs["metavar"] = _TYPES[f.name]
         elif isinstance(default, list):
             kwargs.update(type=float, nargs="+")
-        elif f.name in ("data_root", "device"):
-            kwargs["type"] = device_name if f.name == "device" else str
         elif f.name in ("rho", "rho_min", "max_grad_norm") or isinstance(default, float):
             kwargs["type"] = float
         elif isinstance(default, int):

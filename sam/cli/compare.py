@@ -32,6 +32,12 @@ def register(commands: Any) -> argparse.ArgumentParser:
                         help="more runs of run_a's settings with other seeds: summary.json and the report average the "
                         "test accuracy and lambda_max over them")
     parser.add_argument("--seeds-b", nargs="+", type=Path, default=[], metavar="RUN", help="the same for run_b")
+    parser.add_argument("--sweep", type=Path, default=None, metavar="SWEEP_DIR",
+                        help="a sam-landscape sweep directory with SGD and SAM runs: adds SAM's error reduction per "
+                        "setting and, for a sweep over rho, the test error against rho per m")
+    parser.add_argument("--spectrum-evolution", action="store_true",
+                        help="add the Hessian spectrum at up to 4 epochs of both runs, from their snapshots (train "
+                        "--snapshot-every N)")
     parser.add_argument("--overwrite", action="store_true",
                         help="compute every analysis under OUT/analyses again instead of reusing it (needed when "
                         "they were made with other settings or from other checkpoints)")
@@ -43,6 +49,7 @@ def register(commands: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     compare(args.run_a, args.run_b, args.out, compare_config(args),
             labels=tuple(args.labels) if args.labels is not None else None, study_dir=args.study,
-            noise_study=args.noise_study, seeds=(args.seeds_a, args.seeds_b), overwrite=args.overwrite,
+            noise_study=args.noise_study, seeds=(args.seeds_a, args.seeds_b), sweep_dir=args.sweep,
+            spectrum=args.spectrum_evolution, overwrite=args.overwrite,
             progress=args.progress)
     return 0

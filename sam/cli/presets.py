@@ -19,7 +19,8 @@ def register(commands: Any) -> argparse.ArgumentParser:
         commands, NAME, help="list the paper presets of train --preset: what each reproduces and the paper's number",
         description="The paper's runs as presets of sam-landscape train --preset NAME (Foret et al. 2021): the "
         "WRN-28-10 CIFAR-10/100 comparison, ResNet-32 under label noise, WRN-40-10 without BatchNorm for the "
-        "Hessian, and the digits stand-ins. With NAME, print that preset's resolved TrainConfig as JSON.")
+        "Hessian, ImageNet-pretrained EfficientNets finetuned on CIFAR-10/100 (--init-from timm:NAME), and the digits "
+        "stand-ins. With NAME, print that preset's resolved TrainConfig as JSON.")
     parser.add_argument("name", nargs="?", default=None, metavar="NAME",
                         help="a preset: print its paper numbers and full resolved config as JSON")
     parser.set_defaults(handler=run)

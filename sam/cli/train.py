@@ -20,8 +20,9 @@ NAME = "train"
 def register(commands: Any) -> argparse.ArgumentParser:
     parser = add_command(
         commands, NAME, help="train a model with SGD or a SAM variant",
-        description="Train a model with SGD or a SAM variant; writes model.pt, state.pt, metrics.jsonl and "
-        "config.json into --out.")
+        description="Train a model with SGD or a SAM variant, from scratch or finetuned from other weights "
+        "(--init-from a run, a weights file or timm:NAME, with --reset-head for new classes); writes model.pt, "
+        "state.pt, metrics.jsonl and config.json into --out.")
     parser.add_argument("--out", type=Path, required=True,
                         help="run directory to write (must hold no finished epoch unless --resume or --overwrite)")
     parser.add_argument("--resume", action="store_true",

@@ -224,3 +224,59 @@ def test_hessian_data_builds_the_figure_input_from_the_api_results():
     fig = figures.hessian_spectrum({"model": entry})
     np.testing.assert_allclose(fig.axes[2].get_lines()[0].get_xdata(), np.asarray(density.grid))
     assert "density" not in figures.hessian_data(eigen)
+
+
+REDUCTIONS = [{"setting": "noise=0.2", "reduction": 0.12, "reduction_spread": 0.03},
+              {"setting": "noise=0", "reduction": -0.02, "reduction_spread": 0.01},
+              {"setting": "noise=0.4", "reduction": 0.30, "reduction_spread": 0.05}]
+RHO_LINES = [{"label": "m=4", "rho": [0.02, 0.05, 0.1], "error": [0.30, 0.27, 0.29], "spread": [0.01, 0.02, 0.01]},
+             {"label": "m=128", "rho": [0.02, 0.05, 0.1], "error": [0.32, 0.31, 0.30], "spread": [0.0, 0.01, 0.01]}]
+RHO_BASE = [{"label": "SGD", "error": 0.33, "spread": 0.01}]
+SPECTRA = {label: [{"epoch": e, "eigenvalues": np.array([top, 0.5, 0.2]) / e**0.5, "density_grid": np.linspace(-1, 9, 40),
+                    "density": np.full(40, 0.1)} for e in (1, 10, 50)] for label, top in (("SGD", 8.0), ("SAM", 3.0))}
+
+
+def test_error_reduction_bars_are_sorted_with_their_seed_spread():
+    ax = figures.error_reduction(REDUCTIONS).axes[0]
+    bars = ax.patches
+    np.testing.assert_allclose([b.get_width() for b in bars], [-2.0, 12.0, 30.0])  # percent, ascending
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["noise=0", "noise=0.2", "noise=0.4"]
+    segments = ax.collections[0].get_segments()  # the error bars: +- the spread around each bar's end
+    np.testing.assert_allclose([s[1][0] - s[0][0] for s in segments], [2.0, 6.0, 10.0])
+    assert "error reduction" in ax.get_xlabel()
+    fig = interactive.error_reduction(REDUCTIONS)
+    assert list(fig.data[0].x) == pytest.approx([-2.0, 12.0, 30.0]) and list(fig.data[0].y)[0] == "noise=0"
+    assert list(fig.data[0].error_x.array) == pytest.approx([1.0, 3.0, 5.0])
+
+
+def test_error_vs_rho_draws_a_line_and_band_per_m_and_the_baseline():
+    ax = figures.error_vs_rho(RHO_LINES, RHO_BASE).axes[0]
+    lines = {l.get_label(): l for l in ax.get_lines()}
+    np.testing.assert_allclose(lines["m=4"].get_xdata(), [0.02, 0.05, 0.1])
+    np.testing.assert_allclose(lines["m=4"].get_ydata(), [30.0, 27.0, 29.0])
+    np.testing.assert_allclose(lines["SGD"].get_ydata(), [33.0, 33.0])
+    assert len(ax.collections) == 2  # one seed band per m
+    assert ax.get_ylabel() == "test error (%)"
+    fig = interactive.error_vs_rho(RHO_LINES, RHO_BASE)
+    drawn = [t for t in fig.data if t.mode == "lines+markers"]
+    assert [t.name for t in drawn] == ["m=4", "m=128"] and list(drawn[1].y) == pytest.approx([32.0, 31.0, 30.0])
+    assert fig.layout.shapes[0].y0 == pytest.approx(33.0)
+    with pytest.raises(ValueError, match="at least one error-vs-rho line"):
+        figures.error_vs_rho([])
+
+
+def test_spectrum_evolution_has_a_panel_per_run_and_lambda_max_over_epochs():
+    fig = figures.spectrum_evolution(SPECTRA)
+    sgd_ax, sam_ax, top_ax = fig.axes[:3]
+    assert sgd_ax.get_title() == "SGD" and sgd_ax.get_yscale() == "log"
+    assert [l.get_label() for l in sgd_ax.get_lines()] == ["epoch 1", "epoch 10", "epoch 50"]
+    lines = {l.get_label(): l for l in top_ax.get_lines()}
+    np.testing.assert_allclose(lines["SAM"].get_ydata(), [3.0, 3.0 / 10**0.5, 3.0 / 50**0.5])
+    np.testing.assert_allclose(lines["SGD"].get_xdata(), [1, 10, 50])
+    no_density = {"SGD": [{"epoch": 2, "eigenvalues": [4.0, 2.0]}]}
+    ax = figures.spectrum_evolution(no_density).axes[0]
+    np.testing.assert_allclose(ax.get_lines()[0].get_xdata(), [4.0, 2.0])  # the top eigenvalues as markers
+    fig = interactive.spectrum_evolution(SPECTRA)
+    assert len(fig.data) == 2 * 3 + 2 and fig.data[-1].name == "SAM lambda_max"
+    with pytest.raises(ValueError, match="at least one epoch each"):
+        figures.spectrum_evolution({"SGD": []})

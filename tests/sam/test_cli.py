@@ -736,12 +736,13 @@ def test_compare_reuses_finished_analyses_only_and_overwrite_computes_them_again
 
 
 @pytest.mark.parametrize("command", ["train", "hessian", "surface", "sharpness", "study", "noise-study", "compare", "demo",
-                                     "presets", "sweep"])
+                                     "presets", "sweep", "plot", "plot error-reduction", "plot error-vs-rho",
+                                     "plot spectrum-evolution"])
 def test_help_texts_state_no_meaningless_defaults(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
+        main([*command.split(), "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: True)" not in text and "(default: False)" not in text and "(default: None)" not in text
-    if command != "presets":
+    if command not in ("presets", "plot"):
         assert "--no-progress print no progress (by default: a live bar on a terminal, and plain lines" in text

@@ -320,9 +320,30 @@ def _cifar_root_is_a_file(trained: Path, root: Path) -> list[str]:
     return ["train", "--dataset", "cifar100", "--data-root", str(blocker), "--out", str(root / "c100"), "--epochs", "1"]
 
 
+def _init_truncated(trained: Path, root: Path) -> list[str]:
+    blob = (trained / "model.pt").read_bytes()
+    _write(root / "half.pt", blob[: len(blob) // 2])
+    return ["train", "--out", str(root / "ft"), "--epochs", "1", "--init-from", str(root / "half.pt")]
+
+
+def _init_unsafe(trained: Path, root: Path) -> list[str]:
+    torch.save({"weight": _Executable()}, root / "unsafe.pt")
+    return ["train", "--out", str(root / "ft"), "--epochs", "1", "--init-from", str(root / "unsafe.pt")]
+
+
 def _flags(*argv: str) -> Callable[[Path, Path], list[str]]:
     """A case made of flags alone; ``RUN`` stands for the trained run, ``ROOT`` for a scratch directory."""
     return lambda trained, root: [str(trained) if a == "RUN" else a.replace("ROOT", str(root)) for a in argv]
+
+
+def _sweep_summary(text: str) -> Callable[[Path, Path], list[str]]:
+    """A sweep directory whose summary.json holds ``text``."""
+    def case(trained: Path, root: Path) -> list[str]:
+        sweep = root / "sweep"
+        sweep.mkdir()
+        _write(sweep / "summary.json", text)
+        return ["plot", "error-reduction", str(sweep)]
+    return case
 
 
 CASES: list[Case] = [
@@ -378,13 +399,25 @@ CASES: list[Case] = [
     ("compare-missing-run", _flags("compare", "RUN", "ROOT/nowhere", "--out", "ROOT/cmp"),
      "compare-missing-run/nowhere is not a run directory (no config.json)"),
     ("unknown-preset", _flags("presets", "nope"), "unknown preset 'nope'"),
+    ("plot-unknown-kind", _flags("plot", "histogram"), "argument KIND: invalid choice: 'histogram'"),
+    ("plot-not-a-sweep", _flags("plot", "error-vs-rho", "ROOT/nowhere"),
+     "plot-not-a-sweep/nowhere/summary.json not found: "),
+    ("plot-summary-not-a-sweep", _sweep_summary("[]"), "sweep/summary.json holds no sweep summary"),
+    ("plot-summary-truncated", _sweep_summary('{"recipe": {'), "sweep/summary.json is not valid JSON"),
+    ("plot-summary-run-missing", _sweep_summary(json.dumps({"recipe": {"grid": [["seed", [0]]]}, "rows": [{"run": "x"}]})),
+     "runs/x/config.json not found"),
+    ("plot-epochs-not-numbers", _flags("plot", "spectrum-evolution", "RUN", "--out", "ROOT/p", "--epochs", "a,b"),
+     "argument --epochs: takes epochs joined by commas"),
+    ("plot-epoch-not-saved", _flags("plot", "spectrum-evolution", "RUN", "--out", "ROOT/p", "--epochs", "99"),
+     "holds no weights of epoch(s) [99]"),
     *((f"{command}-unknown-device", _flags(*argv, "--device", "foo"), "argument --device: device 'foo' is not a device")
       for command, argv in (("train", ("train", "--out", "ROOT/x")), ("hessian", ("hessian", "RUN")),
                             ("surface", ("surface", "RUN")), ("sharpness", ("sharpness", "RUN")),
                             ("study", ("study", "--out", "ROOT/s")),
                             ("noise-study", ("noise-study", "--out", "ROOT/n")),
                             ("compare", ("compare", "RUN", "RUN", "--out", "ROOT/c")),
-                            ("demo", ("demo", "--out", "ROOT/f", "--runs", "ROOT/r")))),
+                            ("demo", ("demo", "--out", "ROOT/f", "--runs", "ROOT/r")),
+                            ("plot", ("plot", "spectrum-evolution", "RUN", "--out", "ROOT/p")))),
     ("compare-one-surface-step", _compare_one_surface_step, "--surface-steps must be an integer >= 2; got 1"),
     ("compare-chunks-beyond-the-data", _compare_chunks_beyond_the_data,
      "--m 5000 is more than the 1437 training examples"),
@@ -438,6 +471,19 @@ CASES: list[Case] = [
     ("study-settings-not-an-object", _study_bad_config, "study-config/study_config.json holds a JSON list"),
     ("out-under-a-file", _out_is_a_file, "a-file/inside: Not a directory"),
     ("train-out-is-a-file", _train_out_is_a_file, "b-file is a file, not a run directory; choose another --out"),
+    # finetuning
+    ("reset-head-without-init", _flags("train", "--out", "ROOT/x", "--reset-head"),
+     "--reset-head: reset_head must come with init_from"),
+    ("init-missing", _flags("train", "--out", "ROOT/x", "--init-from", "ROOT/nowhere"),
+     "init-missing/nowhere: no such file or directory; pass a run directory, a weights file"),
+    ("init-truncated", _init_truncated, "init-truncated/half.pt is truncated or not a torch.save file"),
+    ("init-unsafe", _init_unsafe, "init-unsafe/unsafe.pt holds pickled Python objects"),
+    ("init-head-of-another-size", _flags("train", "--out", "ROOT/x", "--classes", "6-9", "--init-from", "RUN"),
+     "only the classification head differs: pass --reset-head"),
+    ("classes-beyond-the-dataset", _flags("train", "--out", "ROOT/x", "--classes", "8-11"),
+     "--classes: classes must be labels of digits, in [0, 10); got 10 in [8, 9, 10, 11]"),
+    ("classes-not-labels", _flags("train", "--out", "ROOT/x", "--classes", "a,b"),
+     "argument --classes: takes class labels separated by commas"),
     # data
     ("cifar-truncated-batches", _cifar_truncated, "cifar-10-batches-py/data_batch_1': could not be unpickled"),
     ("cifar-wrong-shape", _cifar_wrong_shape, "cifar-10-batches-py/data_batch_1': b'data' must have shape N x 3072"),

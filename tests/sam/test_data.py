@@ -184,6 +184,23 @@ def test_cifar10_root_may_be_parent_or_batches_folder(tmp_path):
         assert torch.equal(from_parent[1].y, other[1].y)
 
 
+def test_a_selection_of_classes_keeps_their_examples_relabelled_in_the_order_given(tmp_path):
+    written = write_cifar100(tmp_path)  # train labels [0, 99, 50, 3, 42, 99], test labels [17, 98]
+    train, test, info = load_dataset("cifar100", root=tmp_path, classes=[99, 3, 17])
+    full_train, full_test, _ = load_dataset("cifar100", root=tmp_path)
+    assert train.y.tolist() == [0, 1, 0] and test.y.tolist() == [2]
+    assert torch.equal(train.x, full_train.x[[1, 3, 5]]) and torch.equal(test.x, full_test.x[[0]])
+    assert (info.num_classes, info.classes) == (3, (99, 3, 17))
+    assert written["train_labels"].tolist()[1] == 99
+    digits_train, digits_test, digits_info = load_dataset("digits", classes=[5, 6, 7, 8, 9], label_noise=0.5)
+    assert set(digits_train.y.tolist()) == set(digits_test.y.tolist()) == {0, 1, 2, 3, 4}  # noise among the kept
+    assert digits_info.mean == load_dataset("digits")[2].mean  # the full dataset's normalisation
+    with pytest.raises(ValueError, match=r"classes must be labels of cifar100, in \[0, 100\); got 100"):
+        load_dataset("cifar100", root=tmp_path, classes=[1, 100])
+    with pytest.raises(ValueError, match=r"the test split of cifar100 holds no example of the classes \[0, 50\]"):
+        load_dataset("cifar100", root=tmp_path, classes=[0, 50])
+
+
 def test_cifar100(tmp_path):
     written = write_cifar100(tmp_path)
     for root in (tmp_path, tmp_path / "cifar-100-python"):

@@ -34,9 +34,35 @@ PAPER = {
 }
 
 
+# Foret et al. 2021, Sec. 3.2 and Table 3: ImageNet-pretrained EfficientNets finetuned with a new head (the
+# paper's b7 errors; the presets train the B0 of the same checkpoints at 224 px, recipe of App. C, batch 256)
+FINETUNE = {"model": "timm:tf_efficientnet_b0.aa_in1k", "init_from": "timm:tf_efficientnet_b0.aa_in1k",
+            "reset_head": True, "image_size": 224, "epochs": 102, "batch_size": 256, "lr": 0.004, "momentum": 0.9,
+            "weight_decay": 1e-5, "schedule": "cosine", "augment": True, "base_optimizer": "sgd", "amp": "bf16",
+            "classes": None}
+FINETUNING = {
+    "c10-effnet-b0-finetune-sgd": ({"dataset": "cifar10", "optimizer": "sgd", "rho": None}, 0.95),
+    "c10-effnet-b0-finetune-sam": ({"dataset": "cifar10", "optimizer": "sam", "rho": 0.05}, 0.88),
+    "c100-effnet-b0-finetune-sgd": ({"dataset": "cifar100", "optimizer": "sgd", "rho": None}, 7.68),
+    "c100-effnet-b0-finetune-sam": ({"dataset": "cifar100", "optimizer": "sam", "rho": 0.1}, 7.44),
+}
+
+
 def test_every_paper_run_has_a_preset_and_digits_has_its_stand_ins():
-    assert set(preset_names()) == set(PAPER) | {"digits-sgd", "digits-sam"}
+    assert set(preset_names()) == set(PAPER) | set(FINETUNING) | {"digits-sgd", "digits-sam"}
     assert all(isinstance(p, Preset) and p.description and p.reference for p in PRESETS.values())
+
+
+@pytest.mark.parametrize("name", sorted(FINETUNING))
+def test_a_finetuning_preset_resolves_to_the_papers_finetuning_recipe(name):
+    expected, error = FINETUNING[name]
+    config = preset_config(name, data_root="/data")
+    assert config == TrainConfig(**{**PRESETS[name].config, "data_root": "/data"})
+    for key, value in {**FINETUNE, **expected}.items():
+        assert getattr(config, key) == value, key
+    assert dict(PRESETS[name].paper) == {"effnet_b7_test_error_pct": error}
+    assert "Sec. 3.2, Table 3" in PRESETS[name].reference
+    assert format_paper(PRESETS[name].paper) == f"EfficientNet-b7 test error {error:.2f}%"
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
