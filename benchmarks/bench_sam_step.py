@@ -5,6 +5,11 @@ autocast on a GPU (``--device cuda``). Every optimizer runs in the same process,
 (the order rotates each round), and the report gives the median step time and its ratio to SGD. The
 floor for SAM is 2.0: two forward-backward passes.
 
+With ``--compile``, SGD and SAM also run with the model under ``torch.compile`` (as ``train --compile``
+does), side by side with the eager ones in the same rounds; each compiled step's ratio is to the compiled
+SGD step. Base optimizers take the trainer's update: fused on CUDA, foreach on the CPU; on CUDA the model
+and batch are channels-last, as the trainer's defaults there.
+
 Perturbation overhead: ``first_step`` + ``restore`` alone on the model's parameters with a fixed random
 gradient, the library's fused ``torch._foreach_*`` implementation against the per-parameter loop.
 
@@ -12,6 +17,8 @@ Usage::
 
     python benchmarks/bench_sam_step.py                      # CPU, ResNet-20
     python benchmarks/bench_sam_step.py --device cuda        # GPU, WRN-16-8, bf16
+    python benchmarks/bench_sam_step.py --compile            # eager and compiled side by side
+    python benchmarks/bench_sam_step.py --quick              # toy size: a smoke run in seconds
     python benchmarks/bench_sam_step.py --json out.json      # also write the numbers
 """
 
@@ -98,20 +105,27 @@ def _registry_name(label: str) -> str:
 
 
 def bench_full_step(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    autocast_dtype = torch.bfloat16 if cuda else None
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    update = {"fused": True} if cuda else {"foreach": True}  # the trainer's choice (sam.trainer.build_optimizer)
     torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     steps: dict[str, Callable[[], None]] = {}
     periods: dict[str, int] = {}
-    for label, kwargs in VARIANTS.items():
+    variants = {f"{label} compiled": kwargs for label, kwargs in VARIANTS.items() if label in ("sgd", "sam")
+                } if args.compile else {}
+    for label, kwargs in {**VARIANTS, **variants}.items():
         torch.manual_seed(0)
-        model = build_model(args.model).to(device)
-        optimizer = create(_registry_name(label), model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, **kwargs)
+        model = build_model(args.model).to(device, memory_format=memory_format)
+        optimizer = create(_registry_name(label), model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4,
+                           **update, **kwargs)
+        network = torch.compile(model) if label.endswith("compiled") else model
         # every_k_sam alternates SAM and plain steps: time a whole period so that the median is fair.
         period = kwargs.get("k", 1)
         steps[label] = (
-            lambda m=model, o=optimizer, n=period: [
+            lambda m=network, o=optimizer, n=period: [
                 train_step(m, o, F.cross_entropy, x, y, autocast_dtype=autocast_dtype) for _ in range(n)
             ]
         )
@@ -122,10 +136,10 @@ def bench_full_step(args: argparse.Namespace, device: torch.device) -> list[dict
     steps["loop SAM (baseline)"] = lambda: loop_sam_step(loop_model, loop, x, y, autocast_dtype)
 
     times = time_steps(steps, device, args.warmup, args.rounds)
-    sgd = statistics.median(times["sgd"])  # period 1
     rows = []
     for name, values in times.items():
         median = statistics.median(values) / periods.get(name, 1)
+        sgd = statistics.median(times["sgd compiled" if name.endswith("compiled") else "sgd"])  # period 1
         rows.append({
             "optimizer": name,
             "median_s": median,
@@ -185,10 +199,15 @@ def main() -> None:
     parser.add_argument("--overhead-models", nargs="+", default=["resnet20", "wrn16_8"])
     parser.add_argument("--overhead-rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--compile", action="store_true", help="also time SGD and SAM under torch.compile")
+    parser.add_argument("--quick", action="store_true", help="batch 16, 2 rounds, ResNet-20 only: a smoke run")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
     args.model = args.model or ("wrn16_8" if device.type == "cuda" else "resnet20")
+    if args.quick:
+        args.model, args.batch_size, args.warmup, args.rounds = "resnet20", 16, 1, 2
+        args.overhead_models, args.overhead_rounds = ["resnet20"], 3
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -199,6 +218,8 @@ def main() -> None:
         "model": args.model,
         "batch_size": args.batch_size,
         "autocast": "bf16" if device.type == "cuda" else "none",
+        "memory_format": "channels_last" if device.type == "cuda" else "contiguous",
+        "optimizer_update": "fused" if device.type == "cuda" else "foreach",
     }
     print(json.dumps(env))
     full = bench_full_step(args, device)

@@ -85,7 +85,7 @@ DEFAULT_MODELS: dict[str, str] = {"digits": "digits_cnn", "mnist1d": "mnist1d_ml
 """The model a dataset gets when ``model`` is not given (the MNIST-1D paper's MLP for MNIST-1D)."""
 SIGNAL_MODELS = frozenset({"mnist1d_mlp", "mnist1d_cnn"})  # 1-D signals (N x C x L); the others take images
 CUSTOM_MODEL = "custom"  # config.model when train() is handed the user's own nn.Module
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("auto", "none", "bf16", "fp16")  # auto: bf16 on a GPU that has it, else none
 
 
 class TrainingDiverged(RuntimeError):
@@ -103,6 +103,13 @@ class TrainConfig:
     ``batch_size`` is the global batch: under ``torchrun`` with ``N`` processes each replica holds
     ``batch_size / N`` examples (and with per-replica perturbations, SAM's ``m`` is that share).
     ``sync_perturbation`` only matters under DDP (:func:`sam.step.train_step`).
+
+    Speed: ``amp="auto"`` and ``channels_last=None`` are decided when the config is made, from the
+    device it will run on: bf16 autocast on a CUDA device that supports it (else none), and the
+    channels-last memory format for an image model on CUDA (Tensor Cores take NHWC convolutions); the
+    saved ``config.json`` holds the decision. ``compile`` runs the model's passes through
+    ``torch.compile`` (SAM's two passes alike; the optimizer, checkpoints and resume see the plain module).
+    Base optimizers take their fused update on CUDA and the foreach one on the CPU.
 
     Finetuning (:mod:`sam.finetune`): ``init_from`` starts the run from a run directory's weights, a
     weights file, or timm's pretrained ``timm:NAME`` (then the model is ``timm:NAME``); ``reset_head``
@@ -151,7 +158,9 @@ class TrainConfig:
     lr_gamma: float = 0.1
     label_smoothing: float = 0.0
     max_grad_norm: float | None = None
-    amp: str = "none"
+    amp: str = "auto"  # resolved when made: bf16 on a CUDA device with bf16, else none
+    compile: bool = False
+    channels_last: bool | None = None  # resolved when made: on for image models on a CUDA device
     seed: int = 0
     device: str = "auto"
     snapshot_every: int = 0
@@ -177,6 +186,7 @@ class TrainConfig:
         one_of("base_optimizer", self.base_optimizer, sorted(BASE_OPTIMIZERS))
         one_of("schedule", self.schedule, SCHEDULES)
         one_of("amp", self.amp, AMP_MODES)
+        self._resolve_speed_defaults()
         for name in ("epochs", "batch_size", "m", "ascent_steps", "sam_every", "eval_batch_size"):
             at_least(name, getattr(self, name), 1)
         for name in ("seed", "snapshot_every"):
@@ -231,6 +241,17 @@ class TrainConfig:
             raise ValueError(f"model must be left out or be {self.init_from} with init_from {self.init_from} "
                              f"(timm's {name} is the model); got {self.model!r}")
 
+    def _resolve_speed_defaults(self) -> None:
+        """``amp="auto"`` and ``channels_last=None`` decided for the device the run will use."""
+        on_cuda = _on_cuda(self.device)
+        if self.amp == "auto":
+            self.amp = "bf16" if on_cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "none"
+        images = self.dataset != "mnist1d"
+        if self.channels_last is None:
+            self.channels_last = on_cuda and images
+        elif self.channels_last and not images:
+            raise ValueError("channels_last applies to image models (4-D inputs); mnist1d holds 1-D signals")
+
     @property
     def uses_augmentation(self) -> bool:
         return self.augment if self.augment is not None else self.dataset not in BUILT_IN_DATASETS
@@ -258,6 +279,14 @@ class TrainResult:
         return self.metrics[-1] if self.metrics else {}
 
 
+def _on_cuda(device: str) -> bool:
+    """Whether a run on ``device`` (``auto``: CUDA when available) uses a CUDA GPU."""
+    try:
+        return torch.cuda.is_available() if device == "auto" else torch.device(device).type == "cuda"
+    except (RuntimeError, TypeError, ValueError):
+        return False  # a bad name is reported by the device check
+
+
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` is CUDA when available, else CPU; anything else is passed to ``torch.device``.
 
@@ -266,11 +295,15 @@ def resolve_device(device: str) -> torch.device:
     return distributed.device_for(device)
 
 
-def build_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
-    """The optimizer named in ``config``: a base optimizer alone or wrapped by a SAM variant."""
+def build_optimizer(config: TrainConfig, params: Any, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """The optimizer named in ``config``: a base optimizer alone or wrapped by a SAM variant.
+
+    On a CUDA ``device`` the base optimizer takes its fused update (one kernel for every parameter), elsewhere
+    the foreach one (one call per operation over all parameters instead of a Python loop).
+    """
     name = config.optimizer
     if name in BASE_OPTIMIZERS:
-        return create(name, params, **_base_kwargs(name, config))
+        return create(name, params, **_base_kwargs(name, config, device))
     candidates = {
         "rho": config.rho,
         "eta": config.eta,
@@ -283,12 +316,14 @@ def build_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
     }
     accepted = set(wrapper_arguments(name))
     wrapper_kwargs = {k: v for k, v in candidates.items() if k in accepted and v is not None}
-    base_kwargs = _base_kwargs(config.base_optimizer, config)
+    base_kwargs = _base_kwargs(config.base_optimizer, config, device)
     return create(name, params, base=config.base_optimizer, **base_kwargs, **wrapper_kwargs)
 
 
-def _base_kwargs(base: str, config: TrainConfig) -> dict[str, Any]:
+def _base_kwargs(base: str, config: TrainConfig, device: torch.device | None = None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if device is not None:
+        kwargs["fused" if device.type == "cuda" else "foreach"] = True
     if base == "sgd":
         kwargs.update(momentum=config.momentum, nesterov=config.nesterov)
     return kwargs
@@ -436,8 +471,8 @@ def train(
         model, init = build_network(config, info, init=not resume)
     elif config.init_from is not None and not resume:
         init = load_init(model, config.init_from, reset_head=config.reset_head, model_name=type(model).__name__)
-    model = model.to(device)
-    optimizer = build_optimizer(config, model.parameters())
+    model = model.to(device, memory_format=torch.channels_last) if config.channels_last else model.to(device)
+    optimizer = build_optimizer(config, model.parameters(), device)
     base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
     loader = DeviceLoader(
         train_split,
@@ -487,6 +522,8 @@ def train(
     network = model
     if distributed.active():
         network = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if config.compile:  # the passes compiled; parameters, optimizer and checkpoints stay the plain module's
+        network = torch.compile(network)
 
     # one line per epoch when the output is a log, not a terminal
     epochs = progress_bar(range(start_epoch, config.epochs), desc=f"train {config.optimizer}", unit="epoch",
@@ -495,7 +532,7 @@ def train(
         record = _train_epoch(
             network, optimizer, loss_fn, loader, epoch, scaler=scaler, scheduler=scheduler,
             autocast_dtype=autocast_dtype, max_grad_norm=config.max_grad_norm, progress=progress,
-            sync_perturbation=config.sync_perturbation,
+            sync_perturbation=config.sync_perturbation, channels_last=config.channels_last,
         )
         if not math.isfinite(record["train_loss"]):
             if epoch > 0:
@@ -536,6 +573,7 @@ def _train_epoch(
     max_grad_norm: float | None,
     progress: bool,
     sync_perturbation: bool = False,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """One pass over the training data; sums stay on the device and are read back once.
 
@@ -551,6 +589,8 @@ def _train_epoch(
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for x, y in progress_bar(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, enabled=progress, lines=None):
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         result = train_step(
             model, optimizer, loss_fn, x, y, grad_scaler=scaler, autocast_dtype=autocast_dtype,
             max_grad_norm=max_grad_norm, sync_perturbation=sync_perturbation,

@@ -75,7 +75,12 @@ _TRAIN_HELP: dict[str, str] = {
     "lr_gamma": "step schedule: lr multiplier at each milestone",
     "label_smoothing": "label smoothing of the training loss",
     "max_grad_norm": "clip the final gradient to this L2 norm (SAM's perturbation uses the raw gradient)",
-    "amp": "mixed precision: bf16 autocast, or fp16 autocast with a GradScaler",
+    "amp": "mixed precision: bf16 autocast, or fp16 autocast with a GradScaler; auto is bf16 on a CUDA GPU that "
+    "supports it, else none",
+    "compile": "run the model's passes (SAM's both) through torch.compile; the first steps compile, later ones are "
+    "faster",
+    "channels_last": "channels-last memory format for the model and its input images (faster convolutions on GPU "
+    "Tensor Cores); default: on for image models on CUDA",
     "seed": "seed for initialisation, data order, augmentation and label noise",
     "device": "auto (cuda if available, else cpu), cpu, cuda or cuda:N",
     "snapshot_every": "save the weights every N epochs in snapshots/ for trajectory analysis (0: never)",
@@ -240,6 +245,9 @@ class _BooleanExplicit(_Explicit, argparse.BooleanOptionalAction):
     pass
 
 
+_DEVICE_DEFAULTS = {"amp": "auto", "channels_last": None}
+"""The TrainConfig fields whose default depends on the device: their flags default to the undecided value."""
+
 _TYPES: dict[str, tuple[Callable[[str], Any], str | None]] = {
     "model": (model_name, _MODELS_METAVAR),
     "classes": (class_list, "C1,C2,..."),
@@ -263,11 +271,13 @@ def add_train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | Non
         default = getattr(defaults, f.name)
         if f.name == "model" and default == DEFAULT_MODELS[defaults.dataset]:
             default = None  # the dataset's own, resolved by TrainConfig once --dataset is known
+        if f.name in _DEVICE_DEFAULTS and default == getattr(TrainConfig(device=defaults.device), f.name):
+            default = _DEVICE_DEFAULTS[f.name]  # decided by TrainConfig once --device is known
         kwargs: dict[str, Any] = {"dest": f.name, "help": _TRAIN_HELP[f.name], "default": default,
                                   "action": _StoreExplicit}
         if f.name in _CHOICES:
             kwargs.update(choices=list(_CHOICES[f.name]), metavar="{" + ",".join(_CHOICES[f.name]) + "}")
-        if isinstance(default, bool) or f.name == "augment":
+        if isinstance(default, bool) or f.name in ("augment", "channels_last"):
             kwargs["action"] = _BooleanExplicit
         elif f.name in _TYPES:
             kwargs["type"], kwargs["metavar"] = _TYPES[f.name]

@@ -1,0 +1,127 @@
+"""The report of ``benchmarks/gpu.sh``: each benchmark's JSON checked against its goal (issue #19).
+
+``python benchmarks/_gpu_report.py WORK [--results benchmarks/RESULTS.md] [--seconds S]`` reads
+``WORK/{sam_step,surface,hessian,sharpness}.json`` and the parts' logs, prints the section, and with
+``--results`` replaces the file's section between ``<!-- gpu.sh begin -->`` and ``<!-- gpu.sh end -->``
+(appended when there is none) with it, written atomically. A JSON that is missing or lacks what a goal
+reads is an error (exit code 1): the dry run in CI catches a benchmark whose output changed shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BEGIN, END = "<!-- gpu.sh begin -->", "<!-- gpu.sh end -->"
+PARTS = ("sam_step", "surface", "hessian", "sharpness")
+
+
+def _row(rows: list[dict[str, Any]], key: str, value: str) -> dict[str, Any]:
+    for row in rows:
+        if row.get(key) == value:
+            return row
+    raise KeyError(f"no row with {key} = {value!r} (rows: {[r.get(key) for r in rows]})")
+
+
+def sam_step_goals(data: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    """SAM / SGD per step at most 2.05, eager and compiled; what compiling gains."""
+    rows = data["full_step"]
+    goals = []
+    for suffix in ("", " compiled"):
+        ratio = _row(rows, "optimizer", "sam" + suffix)["ratio_to_sgd"]
+        goals.append((f"SAM / SGD step time{suffix}", ratio, "<= 2.05", ratio <= 2.05))
+    for name in ("sgd", "sam"):
+        gain = _row(rows, "optimizer", name)["median_s"] / _row(rows, "optimizer", name + " compiled")["median_s"]
+        goals.append((f"{name.upper()} step, eager / compiled", gain, "report", True))
+    return goals
+
+
+def surface_goals(data: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    """The default surface never more than 5% slower than the plain loop; on a GPU batched at least 5x the loop."""
+    goals = [("surface, default / plain loop time", data["auto_over_loop"], "<= 1.05", data["auto_over_loop"] <= 1.05)]
+    if data["env"].get("device_type", "cpu") == "cuda":
+        speedup = data["best_batched_speedup"]
+        goals.append(("surface, plain loop / best batched time (GPU)", speedup, ">= 5", speedup >= 5))
+    return goals
+
+
+def hessian_goals(data: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    """One Hessian-vector product (the auto method) at most 3x one full-dataset gradient."""
+    ratio = data["hvp_over_gradient_auto"]
+    return [(f"HVP ({data['hvp_method_auto']}) / full-dataset gradient", ratio, "<= 3", ratio <= 3)]
+
+
+def sharpness_goals(data: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    """m-sharpness at m = 1 at least 10x our own per-chunk loop."""
+    speedup = data["m1_speedup_over_loop"]
+    return [("m = 1 sharpness, loop / vmapped time", speedup, ">= 10", speedup >= 10)]
+
+
+GOALS: dict[str, Callable[[dict[str, Any]], list[tuple[str, float, str, bool]]]] = {
+    "sam_step": sam_step_goals, "surface": surface_goals, "hessian": hessian_goals, "sharpness": sharpness_goals}
+
+
+def section(work: Path, seconds: int | None) -> str:
+    """The markdown section: where it ran, every goal met or not, and each benchmark's printed tables."""
+    data = {}
+    for part in PARTS:
+        path = work / f"{part}.json"
+        try:
+            data[part] = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"_gpu_report: {path}: {error}") from None
+    env = data["sam_step"]["env"]
+    lines = [BEGIN, "## GPU validation (`benchmarks/gpu.sh`)", "",
+             f"### {env['device']}, torch {env['torch']}, {datetime.date.today().isoformat()}"
+             + (f", {seconds} s in all" if seconds is not None else ""), "",
+             "| goal (issue #19) | measured | target | met |", "|---|---:|---|---|"]
+    for part in PARTS:
+        try:
+            goals = GOALS[part](data[part])
+        except (KeyError, TypeError) as error:
+            raise SystemExit(f"_gpu_report: {work / (part + '.json')} lacks what its goal reads: {error}") from None
+        lines += [f"| {name} | {value:.3g} | {target} | {'yes' if met else 'NO'} |" for name, value, target, met in goals]
+    for part in PARTS:
+        log = work / f"{part}.log"
+        if log.exists():
+            lines += ["", f"`{part}`:", "", "```text", log.read_text().strip(), "```"]
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(results: Path, text: str) -> None:
+    """Put ``text`` in place of the file's gpu.sh section (or at its end), atomically."""
+    old = results.read_text()
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END) + 1:]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    handle, temporary = tempfile.mkstemp(dir=results.parent, prefix=f".{results.name}.")
+    with os.fdopen(handle, "w") as file:
+        file.write(new)
+    os.replace(temporary, results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work", type=Path, help="the directory with the parts' JSON and logs")
+    parser.add_argument("--results", type=Path, default=None, help="replace this file's GPU section")
+    parser.add_argument("--seconds", type=int, default=None, help="how long the whole run took")
+    args = parser.parse_args(argv)
+    text = section(args.work, args.seconds)
+    print(text)
+    if args.results is not None:
+        replace_section(args.results, text)
+        print(f"wrote the GPU section of {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
