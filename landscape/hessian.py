@@ -353,5 +353,6 @@ def summary(
         top_eigenvalues=values,
         n_matvecs=op.n_matvecs - start,
         converged=eig.converged,
-        extra={"hvp_method": op.objective.hvp_method, "n_parameters": op.shape[0], "n_examples": op.objective.n_examples},
+        extra={"hvp_method": op.objective.hvp_method, "hvp_timings_s": op.objective.hvp_timings,
+               "n_parameters": op.shape[0], "n_examples": op.objective.n_examples},
     )

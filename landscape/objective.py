@@ -20,9 +20,10 @@ data must be the same on every pass) raises :class:`NondeterministicObjective` n
 train-mode BatchNorm, dropout, shuffling or augmentation.
 
 Hessian-vector products are exact: forward-over-reverse (``torch.func.jvp`` of the gradient), double
-backward, or one backward pass through the kept graph of the gradient (one batch kept on the device). The
-method is picked by timing on the first batch; a method the model does not support (a ``torch.compile``d
-module has no double backward through its graph) is skipped with one warning. They run with PyTorch's
+backward, or one backward pass through the kept graph of the gradient over every batch (kept data whose
+graph fits the memory budget). ``hvp_method="auto"`` times one product of each on the first batch at
+construction and keeps the fastest (:class:`HVPChoice`); a method the model does not support (a
+``torch.compile``d module has no double backward through its graph) is skipped with one warning. They run with PyTorch's
 math attention kernel, the one ``scaled_dot_product_attention`` has second derivatives for.
 
 Data-parallel over processes (``distributed=True`` under ``torchrun``): each process holds a shard of
@@ -34,11 +35,12 @@ collective, and every process gets the same result (so Lanczos runs in lockstep 
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
 import torch
@@ -46,7 +48,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
 from . import distributed as _distributed
-from .batches import BatchProtocol, Forward, LossFn, Weight, batch_size, fingerprint, map_tensors
+from .batches import BatchProtocol, Forward, LossFn, Weight, batch_size, fingerprint, map_tensors, tensors_of
 from .data import BatchSource
 from .linop import LinearOperator
 
@@ -55,6 +57,7 @@ __all__ = [
     "LossFn",
     "Objective",
     "HessianOperator",
+    "HVPChoice",
     "NondeterministicObjective",
     "ParamLayout",
     "ParamSelection",
@@ -235,7 +238,9 @@ class Objective:
         params: which parameters to analyse (:func:`select_parameters`; default: every trainable one).
         stream: read the data from the source on every pass, one batch on the device at a time (default:
             when they would exceed ``memory_budget``).
-        memory_budget: bytes the kept data may take on the device (default: a quarter of its memory).
+        memory_budget: bytes the kept data may take on the device (default: a quarter of its memory); also
+            what the kept gradient graph of ``hvp_method="auto"`` may take (on a GPU at most half its free
+            memory).
         device: where to evaluate; default: the model's device.
         dtype: floating dtype of parameters, buffers and inputs (e.g. ``torch.float64`` for reference
             computations); default: the model's.
@@ -243,11 +248,13 @@ class Objective:
         train_mode: evaluate in train mode (BatchNorm batch statistics, dropout on). Off by default;
             the determinism check then reports why the objective is not a fixed function.
         hvp_method: ``"jvp"`` (forward-over-reverse), ``"double_backward"`` (reverse-over-reverse),
-            ``"graph"`` (reverse-over-reverse keeping the gradient's graph between products: one backward
-            pass per product; only for one kept batch) or ``"auto"``: ``"graph"`` for one kept batch;
-            ``"double_backward"`` for streamed data, whose peak memory is the lower (about 1.7x one batch's
-            forward and backward against 3.2x for ``"jvp"``, ``benchmarks/RESULTS.md``), and neither is tried
-            on the side; else whichever of the first two is faster on the first batch.
+            ``"graph"`` (reverse-over-reverse keeping the gradient's graph of every batch between products:
+            one backward pass per product; kept data only) or ``"auto"``: for kept data, the fastest of one
+            timed product of each on the first batch, ``"graph"`` among them when its estimated size fits the
+            memory budget (:class:`HVPChoice`); for streamed data ``"double_backward"``, whose peak memory is
+            the lower (about 1.7x one batch's forward and backward against 3.2x for ``"jvp"``,
+            ``benchmarks/RESULTS.md``), and nothing is timed. The choice is made once, at construction:
+            :attr:`hvp_method`, with the timings and the reason in :attr:`hvp_choice`.
         check: run the determinism check at construction.
         distributed: ``data`` is this process's shard of the dataset; losses, gradients and
             Hessian-vector products are summed over the processes of the default group (one
@@ -518,69 +525,181 @@ class Objective:
     # -- the product method ---------------------------------------------------------------------------
 
     def _resolve_hvp_method(self, asked: str) -> str:
-        """The product method: the one asked for, or the fastest that works (the same on every rank)."""
+        """The product method: the one asked for, or the fastest that works (the same on every rank); the
+        decision is kept in :attr:`hvp_choice`."""
         if asked == "graph" and self.stream:
             raise ValueError("hvp_method='graph' keeps the gradient graph of every batch on the device, which streamed "
                              "data (stream=True) must not: use 'jvp', 'double_backward' or 'auto'")
-        if asked == "auto":
-            if self.stream:  # memory first: double backward peaks lower than forward-over-reverse
-                method = next((m for m in ("double_backward", "jvp") if self._works(m)), None)
-                if method is None:
-                    raise RuntimeError("no exact Hessian-vector product works for this model: neither double "
-                                       "backward nor forward-over-reverse")
-            elif self.n_batches == 1:
-                method = "graph" if self._works("graph") else self._fastest()
-            else:
-                method = self._fastest()
+        if asked != "auto":
+            choice = HVPChoice(asked, asked, "asked for")
+        elif self.stream:  # memory first: double backward peaks lower than forward-over-reverse
+            method = next((m for m in ("double_backward", "jvp") if self._works(m)), None)
+            if method is None:
+                raise RuntimeError("no exact Hessian-vector product works for this model: neither double "
+                                   "backward nor forward-over-reverse")
+            choice = HVPChoice(method, "auto", "streamed data: the product with the lower peak memory, not timed")
         else:
-            method = asked
+            choice = self._time_products()
         # Rank 0's choice for everyone: the processes must take the same products, in lockstep.
-        return _distributed.broadcast_object(method) if self.distributed else method
+        self.hvp_choice = _distributed.broadcast_object(choice) if self.distributed else choice
+        return self.hvp_choice.method
+
+    @property
+    def hvp_timings(self) -> dict[str, float]:
+        """Seconds of one product on the probe batch for every method timed by ``hvp_method="auto"`` (empty when
+        the method was asked for, or the data are streamed)."""
+        return dict(self.hvp_choice.seconds)
 
     def _probe(self) -> tuple[Any, Params]:
-        """Up to 256 examples of the first batch and a random direction, to try and time the products."""
+        """Up to 256 examples of the first batch and a fixed random direction, to try and time the products
+        (drawn from a seeded generator: building an objective leaves the global random state alone)."""
         from .batches import take
 
         batch = self.source.first()
-        probe = take(batch, slice(0, 256))
-        return probe, {k: torch.randn_like(t) for k, t in self.params.items()}
+        probe = take(batch, slice(0, _PROBE_EXAMPLES))
+        generator = torch.Generator().manual_seed(0)
+        return probe, {k: torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+                       for k, t in self.params.items()}
 
-    def _works(self, method: str) -> bool:
-        """Whether ``method`` runs for this model (one product on a few examples); warns once when it does not."""
-        batch, v = self._probe()
+    def _product(self, method: str, batch: Any, v: Params, saved: _SavedBytes | None = None) -> Callable[[], Any] | None:
+        """One product by ``method`` on ``batch`` as a closure, after running it once (a warm-up that also
+        tells whether the method works for this model; warns once and returns ``None`` when it does not).
+        For ``"graph"`` the closure is one backward pass through the probe's kept gradient graph, whose saved
+        tensors ``saved`` counts while it is built."""
         try:
             with _second_order():
                 if method == "graph":
                     leaves = {k: t.detach().requires_grad_(True) for k, t in self.params.items()}
-                    with torch.enable_grad():
+                    with torch.enable_grad(), saved or contextlib.nullcontext():
                         g = torch.autograd.grad(self.batch_loss(leaves, batch), list(leaves.values()), create_graph=True)
-                        torch.autograd.grad(g, list(leaves.values()), grad_outputs=[v[k] for k in leaves])
+                    inputs, vectors = list(leaves.values()), [v[k] for k in leaves]
+
+                    def product() -> Any:
+                        with torch.enable_grad():
+                            return torch.autograd.grad(g, inputs, grad_outputs=vectors, retain_graph=True)
                 else:
-                    _HVP[method](self.batch_loss, self.params, v, batch)
+                    def product() -> Any:
+                        with _second_order():
+                            return _HVP[method](self.batch_loss, self.params, v, batch)
+                product()
         except (RuntimeError, NotImplementedError) as error:
             _warn_once(f"Hessian-vector products by {_METHOD_NAMES[method]} do not work for this model "
                        f"({_first_sentence(error)}); another exact method is used")
-            return False
-        return True
+            return None
+        return product
 
-    def _fastest(self) -> str:
-        """Time both torch.func products on the first batch after a warm-up; keep the faster that works."""
+    def _works(self, method: str) -> bool:
+        """Whether ``method`` runs for this model (one product on a few examples); warns once when it does not."""
         batch, v = self._probe()
-        timings = {}
+        return self._product(method, batch, v) is not None
+
+    def _time_products(self) -> HVPChoice:
+        """Time one product of every applicable method on the probe batch and keep the fastest.
+
+        The applicable methods are forward-over-reverse and double backward, and the kept gradient graph when
+        its estimated size over this process's data fits :meth:`_graph_budget`: the tensors autograd saves
+        while the probe's graph is built (those of the parameters, buffers and data left out: they are kept
+        anyway), per example, times the examples, plus the gradient. A product then costs one backward pass
+        instead of a forward and two backward passes per batch; the one-off building of the graph (a forward
+        and a ``create_graph`` backward per batch, about one gradient) is left out of the comparison.
+        """
+        batch, v = self._probe()
+        n_probe = batch_size(batch)
+        seconds: dict[str, float] = {}
+        budget = self._graph_budget()
+        saved = _SavedBytes([*self.params.values(), *self.fixed.values(), *self.buffers.values(), *tensors_of(batch)])
+        graph = self._product("graph", batch, v, saved)
+        graph_bytes = None
+        if graph is not None:
+            gradient = sum(t.numel() * t.element_size() for t in self.params.values())
+            graph_bytes = int(saved.total / max(n_probe, 1) * self.n_local) + gradient
+            if graph_bytes <= budget:
+                seconds["graph"] = _product_seconds("graph", graph, self.device)
+        del graph  # the probe's kept graph
         for method in ("jvp", "double_backward"):
-            if not self._works(method):
-                continue
-            _synchronize(self.device)
-            start = time.perf_counter()
-            with _second_order():
-                for _ in range(2):
-                    _HVP[method](self.batch_loss, self.params, v, batch)
-            _synchronize(self.device)
-            timings[method] = time.perf_counter() - start
-        if not timings:
+            product = self._product(method, batch, v)
+            if product is not None:
+                seconds[method] = _product_seconds(method, product, self.device)
+        if not seconds:
             raise RuntimeError("no exact Hessian-vector product works for this model: neither forward-over-reverse "
                                "nor double backward")
-        return min(timings, key=timings.get)
+        method = min(seconds, key=seconds.get)
+        left_out = "" if graph_bytes is None or graph_bytes <= budget else (
+            f"; the kept graph left out (about {graph_bytes / 2**20:.0f} MiB over the data, above the "
+            f"{budget / 2**20:.0f} MiB budget)")
+        return HVPChoice(method, "auto", f"the fastest of one timed product each on {n_probe} examples{left_out}",
+                         seconds, n_probe, graph_bytes, budget)
+
+    def _graph_budget(self) -> int:
+        """Bytes the kept gradient graph may take: the data's ``memory_budget`` (a quarter of the device's
+        memory by default), and on a GPU at most half of its free memory."""
+        budget = self.source.memory_budget
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = min(budget, free // 2)
+        return int(budget)
+
+
+@dataclass(frozen=True)
+class HVPChoice:
+    """How an :class:`Objective` picked its Hessian-vector product method (``objective.hvp_choice``).
+
+    Attributes:
+        method: the method every product takes.
+        asked: the ``hvp_method`` argument (``"auto"`` or a method).
+        reason: why, in words.
+        seconds: one product on the probe batch per method timed (the best of two, after a warm-up run, the
+            device synchronised); empty when nothing was timed.
+        probe_examples: examples of the probe batch (the first batch's first 256).
+        graph_bytes: the estimated size of the kept gradient graph over this process's data, when estimated.
+        graph_budget: the bytes it was allowed, when estimated.
+    """
+
+    method: str
+    asked: str
+    reason: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    probe_examples: int = 0
+    graph_bytes: int | None = None
+    graph_budget: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_PROBE_EXAMPLES = 256
+
+
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes of the distinct storages autograd saves while active, except those of ``kept``."""
+
+    def __init__(self, kept: Sequence[Tensor]) -> None:
+        self._kept = {t.untyped_storage().data_ptr() for t in kept}
+        self._seen: dict[int, int] = {}
+        super().__init__(self._pack, lambda t: t)
+
+    def _pack(self, t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._kept:
+            self._seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self._seen.values())
+
+
+def _product_seconds(method: str, product: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call of ``product`` (a product by ``method``), the device synchronised before and after:
+    the best of two calls, so that one preempted call on a shared machine does not decide."""
+    best = math.inf
+    for _ in range(2):
+        _synchronize(device)
+        start = time.perf_counter()
+        product()
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 _METHOD_NAMES = {"graph": "backward through the kept gradient graph", "jvp": "forward-over-reverse (jvp)",

@@ -28,7 +28,10 @@ over a seeded random partition ``P`` of the data into disjoint chunks of ``m`` e
 example is its own chunk whatever the permutation: the data are read batch by batch, in their order, so
 ``per_chunk`` follows the data. Each chunk has its own ascent; chunks are vectorised with ``torch.vmap``
 over stacked perturbations (``m = 1`` gives per-example gradients), ``batched=False`` loops over chunks in
-Python (the reference path). A chunk's loss is the mean over its loss terms (its tokens, for a language
+Python (the reference path). The vectorised ascent starts from the per-chunk gradients at ``w`` itself,
+vmapped over the chunks only (one plain batched forward, no stacked copy of the weights), takes its first
+step as one scaling of them per chunk, and on the CPU computes convolutions' per-chunk weight gradients as
+batched matrix products (:mod:`landscape._per_example`). A chunk's loss is the mean over its loss terms (its tokens, for a language
 model; :mod:`landscape.batches`); a chunk without any (every target ignored) is left out.
 
 Models and data beyond ``(x, y)`` tensors: every function here also takes the keyword options of
@@ -49,6 +52,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -61,6 +65,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value
 
 from ._checks import check_int
+from ._per_example import PerExampleConvolutions
 from .batches import batch_size, split_chunks, take
 from .lanczos import top_eigenpairs
 from .objective import Data, LossFn, Objective, Params, _first_sentence, _warn_once, evaluation_objective
@@ -148,10 +153,8 @@ class SharpnessCurve:
 
 def _per_chunk_norm(stack: Params, p: float) -> Tensor:
     """``||stack[g]||_p`` over all parameters together, for every chunk ``g``: shape ``(G,)``."""
-    parts = [t.flatten(1) for t in stack.values()]
-    if p == math.inf:
-        return torch.stack([t.abs().amax(dim=1) for t in parts]).amax(dim=0)
-    return torch.stack([t.pow(2).sum(dim=1) for t in parts]).sum(dim=0).sqrt()
+    parts = [t.reshape(t.shape[0], -1) for t in stack.values()]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, p, dim=1) for t in parts]), p, dim=0)
 
 
 def _broadcast(per_chunk: Tensor, like: Tensor) -> Tensor:
@@ -172,6 +175,21 @@ def _project(stack: Params, rho: float, p: float) -> Params:
         return {k: u.clamp(-rho, rho) for k, u in stack.items()}
     factor = (rho / _per_chunk_norm(stack, 2.0).clamp_min(_TINY)).clamp(max=1.0)
     return {k: u * _broadcast(factor, u) for k, u in stack.items()}
+
+
+def _first_step(grad: Params, alpha: float, rho: float, p: float, overwrite: bool = False) -> Params:
+    """``Proj(alpha * d)``: the first projected step from ``u = 0`` (``d`` the ascent direction of ``grad``), as
+    one scaling of ``grad`` per chunk: ``min(alpha, rho) sign(g)`` for ``p = inf``; for ``p = 2``,
+    ``g * alpha / max(||g||, tiny)`` times the projection's factor, whose norm is known without another pass.
+    ``overwrite``: scale ``grad``'s tensors in place (no new stack of the size of the parameters)."""
+    if p == math.inf:
+        return {k: (g.sign_() if overwrite else g.sign()).mul_(min(alpha, rho)) for k, g in grad.items()}
+    norm = _per_chunk_norm(grad, 2.0)
+    coefficient = alpha / norm.clamp_min(_TINY)
+    coefficient = coefficient * (rho / (coefficient * norm).clamp_min(_TINY)).clamp(max=1.0)
+    if overwrite:
+        return {k: g.mul_(_broadcast(coefficient, g)) for k, g in grad.items()}
+    return {k: g * _broadcast(coefficient, g) for k, g in grad.items()}
 
 
 def _axpy(a: float | Tensor, x: Params, y: Params) -> Params:
@@ -212,6 +230,7 @@ def ascend(
     steps: int,
     ascent: str = "pgd",
     step_size: float | None = None,
+    start: Callable[[], tuple[Tensor, Params]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Maximise ``f(u)`` over ``||u||_p <= rho`` for a stack of independent problems, starting at ``u = 0``.
 
@@ -224,17 +243,23 @@ def ascend(
         ascent: ``"pgd"`` (projected normalised gradient ascent, step ``alpha``) or ``"apgd"`` (Croce &
             Hein 2020, Alg. 1, started with step ``2 rho``).
         step_size: ``alpha`` of ``"pgd"``; default ``rho`` (one step is the SAM step).
+        start: ``() -> (f(0), grad f(0))`` when it is cheaper than ``value_and_grad(zeros)`` (the
+            per-chunk gradients at the unperturbed weights need no stacked perturbation); its gradient
+            tensors are fresh, and the ascent may overwrite them.
 
     Returns:
         ``(f(0), max_k f(u_k))`` over the iterates ``u_1 .. u_steps``, each shaped ``(G,)``.
     """
-    base, grad = value_and_grad(zeros)
+    base, grad = value_and_grad(zeros) if start is None else start()
     if ascent == "pgd":
         alpha = rho if step_size is None else step_size
         u = zeros
         best = None
         for k in range(steps):
-            u = _project(_axpy(alpha, _ascent_direction(grad, p), u), rho, p)
+            if k == 0:
+                u = _first_step(grad, alpha, rho, p, overwrite=start is not None)
+            else:
+                u = _project(_axpy(alpha, _ascent_direction(grad, p), u), rho, p)
             if k + 1 < steps:
                 f, grad = value_and_grad(u)
             else:
@@ -292,20 +317,47 @@ def _chunk_loss_fn(objective: Objective, origin: Params, scale: Params | None) -
     return chunk_loss
 
 
-def _vmapped_evaluators(chunk_loss: Callable[..., Tensor], chunks: Any) -> tuple[ValueAndGrad, Value]:
-    """Evaluators for a stack of chunks (every tensor ``[G, m, ...]``): one vmapped call each."""
-    vg = torch.vmap(grad_and_value(chunk_loss), in_dims=(0, 0))
-    v = torch.vmap(chunk_loss, in_dims=(0, 0))
+def _vmapped_evaluators(objective: Objective, origin: Params, scale: Params | None, chunks: Any, count: int,
+                        buffer: Params) -> tuple[ValueAndGrad, Value, Callable[[], tuple[Tensor, Params]]]:
+    """Evaluators for a stack of ``count`` chunks (every tensor ``[count, m, ...]``): one vmapped call each.
+
+    ``start`` gives the per-chunk gradients at ``w`` itself, vmapped over the chunks only (the parameters
+    unstacked: one plain batched forward). The perturbed weights ``w + c u`` are written into ``buffer``
+    (stacks of at least ``count``, reused from group to group: a fresh stack the size of the parameters per
+    call costs the CPU a page fault per 4 KiB), and ``grad_u = c * grad_w`` there. On the CPU, convolutions'
+    per-chunk weight gradients are batched matrix products (:mod:`landscape._per_example`)."""
+    per_chunk = torch.vmap(grad_and_value(objective.batch_loss), in_dims=(0, 0))
+    at_origin = torch.vmap(grad_and_value(objective.batch_loss), in_dims=(None, 0))
+    loss = torch.vmap(objective.batch_loss, in_dims=(0, 0))
+    per_example = PerExampleConvolutions if objective.device.type == "cpu" else contextlib.nullcontext
+
+    def perturbed(u: Params) -> Params:
+        out = {k: b[:count] for k, b in buffer.items()}
+        for k, w in origin.items():
+            if scale is None:
+                torch.add(w, u[k], out=out[k])
+            else:
+                torch.addcmul(w, scale[k], u[k], out=out[k])
+        return out
+
+    def scaled(g: Params) -> Params:
+        return g if scale is None else {k: t.mul_(scale[k]) for k, t in g.items()}
 
     def value_and_grad(u: Params) -> tuple[Tensor, Params]:
-        g, f = vg(u, chunks)
-        return f, g
+        with per_example():
+            g, f = per_chunk(perturbed(u), chunks)
+        return f, scaled(g)
 
     def value(u: Params) -> Tensor:
         with torch.no_grad():
-            return v(u, chunks)
+            return loss(perturbed(u), chunks)
 
-    return value_and_grad, value
+    def start() -> tuple[Tensor, Params]:
+        with per_example():
+            g, f = at_origin(origin, chunks)
+        return f, scaled(g)
+
+    return value_and_grad, value, start
 
 
 def _looped_evaluators(objective: Objective, chunk_loss: Callable[..., Tensor], chunks: list[Any],
@@ -484,17 +536,37 @@ def _worst_case(
     vectorised = batched and m <= budget
     group = _chunk_budget(m, n_params, budget) if vectorised else 1
     bases, bests = [], []
-    vmap_works: list[bool | None] = [None if vectorised else False]  # None: not tried on this model yet
+    vmap_works: bool | None = None if vectorised else False  # None: not tried on this model yet
     bar = progress_bar(total=n // m, desc=desc, unit="chunk", enabled=progress, leave=False)
+    buffer: Params = {}
     for chunks, count in _chunk_groups(objective, m, group, seed):
-        zeros = {k: torch.zeros((count,) + w.shape, dtype=w.dtype, device=w.device) for k, w in origin.items()}
-        value_and_grad, value = _group_evaluators(objective, chunk_loss, chunks, count, m, budget, vmap_works)
-        base, best = ascend(value_and_grad, value, zeros, rho, p, steps, ascent, step_size)
-        bases.append(base.double().cpu())
-        bests.append(best.double().cpu())
+        # A zero stack without memory: every chunk's u starts at 0 (the ascent never writes into it).
+        zeros = {k: torch.zeros((), dtype=w.dtype, device=w.device).expand((count,) + w.shape) for k, w in origin.items()}
+        result = None
+        if vmap_works is not False:
+            try:
+                buffer = buffer or {k: torch.empty((group,) + w.shape, dtype=w.dtype, device=w.device)
+                                    for k, w in origin.items()}
+                value_and_grad, value, start = _vmapped_evaluators(objective, origin, scale,
+                                                                   split_chunks(chunks, count, m), count, buffer)
+                result = ascend(value_and_grad, value, zeros, rho, p, steps, ascent, step_size, start=start)
+                vmap_works = True
+            except (RuntimeError, NotImplementedError) as error:
+                if vmap_works:  # it worked on an earlier group: a real error
+                    raise
+                vmap_works = False
+                _warn_once(f"{type(objective.model).__name__} cannot be vmapped over chunks of examples "
+                           f"({_first_sentence(error)}); its chunks are evaluated one at a time")
+        if result is None:
+            pieces = [take(chunks, slice(g * m, (g + 1) * m)) for g in range(count)]
+            value_and_grad, value = _looped_evaluators(objective, chunk_loss, pieces, budget)
+            result = ascend(value_and_grad, value, zeros, rho, p, steps, ascent, step_size)
+        bases.append(result[0])
+        bests.append(result[1])
         bar.update(count)
     bar.close()
-    base, best = torch.cat(bases).numpy(), torch.cat(bests).numpy()
+    # one transfer from the device at the end, not one per group
+    base, best = torch.cat(bases).double().cpu().numpy(), torch.cat(bests).double().cpu().numpy()
     has_terms = np.isfinite(base)
     settings = {"m": m, "n_chunks": int(has_terms.sum()), "n_examples_used": int(base.size * m), "n_examples": n,
                 "chunks_per_call": group, "vectorised": vectorised}
@@ -518,29 +590,6 @@ def _chunk_groups(objective: Objective, m: int, group: int, seed: int) -> Iterat
     for start in range(0, chunks.shape[0], group):
         picked = chunks[start : start + group]
         yield objective.source.examples(picked.reshape(-1)), picked.shape[0]
-
-
-def _group_evaluators(objective: Objective, chunk_loss: Callable[..., Tensor], examples: Any, count: int, m: int,
-                      budget: int, vmap_works: list[bool | None]) -> tuple[ValueAndGrad, Value]:
-    """Evaluators for ``count`` chunks of ``m`` consecutive examples: vmapped over the chunks unless
-    ``vmap_works[0]`` is False. A model with data-dependent control flow (such as Hugging Face attention-mask
-    handling) cannot be vmapped: the first group tries (``None``), and a failure switches to evaluating the
-    chunks one at a time, said once."""
-    if vmap_works[0] is not False:
-        evaluators = _vmapped_evaluators(chunk_loss, split_chunks(examples, count, m))
-        if vmap_works[0]:
-            return evaluators
-        try:
-            evaluators[1]({k: torch.zeros((count,) + w.shape, dtype=w.dtype, device=w.device)
-                           for k, w in objective.params.items()})
-            vmap_works[0] = True
-            return evaluators
-        except (RuntimeError, NotImplementedError) as error:
-            vmap_works[0] = False
-            _warn_once(f"{type(objective.model).__name__} cannot be vmapped over chunks of examples "
-                       f"({_first_sentence(error)}); its chunks are evaluated one at a time")
-    chunks = [take(examples, slice(g * m, (g + 1) * m)) for g in range(count)]
-    return _looped_evaluators(objective, chunk_loss, chunks, budget)
 
 
 def _chunk_result(measure: str, bases: np.ndarray, bests: np.ndarray, settings: dict[str, Any]) -> SharpnessResult:

@@ -8,12 +8,27 @@ with ``L`` the whole-dataset objective of :mod:`landscape.objective` (eval mode,
 sums) and ``d`` filter-normalised random directions (:mod:`landscape.directions`) unless given. Loss and
 accuracy are computed at every grid point.
 
-Several grid points are evaluated per forward pass: the parameters of ``Q`` points are stacked along a
-new leading dimension and the model runs under ``torch.vmap`` with the buffers shared, so one pass over a
-data batch serves ``Q`` points. ``batched=False`` evaluates one point at a time (the reference path).
+How the points are evaluated (``batched=``, ``points_per_pass=``):
 
-With ``path=``, the grid is saved (``.npz`` + ``.json``, atomically) after every pass and a later call
-with the same recipe resumes where it stopped; a different recipe in an existing file is an error.
+* batched: the parameters of ``Q`` points are stacked along a new leading dimension and the model runs
+  under ``torch.vmap`` with the buffers shared, so one pass over a data batch serves ``Q`` points;
+* the loop: one forward pass per point (the parameters written into buffers allocated once, the values
+  read from the device once per block), optionally with convolution kernels channels-last.
+
+By default (``batched=None, points_per_pass=None``) the method is chosen by timing: the first points of
+the grid are evaluated by the loop, the channels-last loop (with 4-D parameters) and batched passes of
+``Q = 2, 4, 8, ...`` (growing while the time per point falls and memory allows), each timed on its own
+points, which stay part of the grid; the fastest per point evaluates the rest (on 2 CPU cores a small CNN
+is fastest in the channels-last loop, on a GPU batched passes; ``benchmarks/RESULTS.md``). The choice is
+in ``meta["evaluation"]`` (method, ``Q``, the seconds per point of every candidate) and saved with the
+grid, and a resumed run reuses it. The methods agree up to floating-point rounding. Grids of fewer than
+64 points are not timed: the loop on the CPU, memory-sized passes on a GPU. ``batched=False`` (the loop,
+the reference path), ``points_per_pass=Q`` (``Q`` points per pass; 1: the loop) or ``batched=True`` (only
+batched passes, ``Q`` timed) narrow the choice; :mod:`landscape._surface_plan` has the details.
+
+With ``path=``, the grid is saved (``.npz`` + ``.json``, atomically) after every block of points (one pass,
+or about 2 seconds of work once timed) and a later call with the same recipe resumes where it stopped; a
+different recipe in an existing file is an error.
 
 With ``distributed=True`` (every process of a ``torchrun`` job makes the same call) the grid points are
 split across the processes: each round hands every process its own block of points, evaluated on the
@@ -31,7 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import _surface_plan as _plan
 from . import distributed as _distributed
 from ._checks import check_int
 from .directions import _check_same_layout, difference, random_direction, random_plane
@@ -49,6 +65,7 @@ from .progress import progress_bar
 from .storage import CorruptFileError, atomic_write, atomic_write_json, differing_keys, read_json
 
 _CPU_EXAMPLE_POINTS_PER_CALL = 1024
+_CPU_DEFAULT_POINTS_PER_PASS = 8  # batched=True on a grid too small to time (the measured Q = 4-32 were alike)
 
 __all__ = ["SurfaceResult", "RecipeMismatchError", "slice_1d", "slice_2d", "interpolate", "evaluate_points", "grid_points", "load"]
 
@@ -63,8 +80,10 @@ class SurfaceResult:
             ``(coords[0][i], coords[1][j])``).
         accuracy: accuracy at every grid point, same shape; NaN when the targets are not class indices
             (regression, soft labels).
-        meta: ``{"recipe": ..., **info}`` (the directions, ranges, data and model); :func:`load` returns
-            the saved JSON, which also has ``points_done`` and ``points_total``.
+        meta: ``{"recipe": ..., "evaluation": ..., **info}``: the recipe (the directions, ranges, data and
+            model) and how the points were evaluated (loop or batched, points per pass, and with the timed
+            default the seconds per point of every candidate; :mod:`landscape._surface_plan`); :func:`load`
+            returns the saved JSON, which also has ``points_done`` and ``points_total``.
         computed: grid points evaluated by the call that returned it (0 when a saved grid was complete).
     """
 
@@ -93,15 +112,33 @@ def grid_points(coords: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack([m.ravel() for m in mesh], axis=1)
 
 
-def _point_params(origin: Params, directions: list[Params], point: Tensor) -> Params:
-    """``w + sum_j a_j d_j`` at one point ``a`` (a 1-D tensor of coordinates)."""
-    out = {}
-    for name, w in origin.items():
-        value = w.clone()
-        for a, d in zip(point, directions):
-            value = value + a * d[name]
-        out[name] = value
-    return out
+class _PointWriter:
+    """``w + sum_j a_j d_j`` at one point after another, written into buffers allocated once.
+
+    The tensors that no direction moves (with ``ignore="biasbn"``: biases and BatchNorm parameters) are
+    passed as they are. With ``channels_last``, the 4-D tensors (convolution kernels) are kept in the
+    channels-last layout, so that the convolutions run in NHWC (:mod:`landscape._surface_plan`).
+    """
+
+    def __init__(self, origin: Params, directions: list[Params], channels_last: bool = False) -> None:
+        moving = _moving(origin, directions)
+        layout = (lambda t: torch.channels_last if channels_last and t.ndim == 4 else torch.contiguous_format)
+        self.names = list(origin)
+        self.fixed = {n: w.contiguous(memory_format=layout(w)) for n, w in origin.items() if n not in moving}
+        self.moved = [n for n in origin if n in moving]
+        self.origin = [origin[n] for n in self.moved]
+        self.directions = [[d[n] for n in self.moved] for d in directions]
+        self.buffers = [torch.empty_like(w, memory_format=layout(w)) for w in self.origin]
+
+    def at(self, point: Sequence[float]) -> Params:
+        """The tensors at ``point`` (the same buffers every call: use them before the next call)."""
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.origin)
+            for a, d in zip(point, self.directions):
+                if a != 0.0:
+                    torch._foreach_add_(self.buffers, d, alpha=a)
+        values = {**self.fixed, **dict(zip(self.moved, self.buffers))}
+        return {n: values[n] for n in self.names}
 
 
 def _moving(tensors: Params, directions: list[Params]) -> set[str]:
@@ -134,20 +171,13 @@ def _block_params(origin: Params, directions: list[Params], points: Tensor) -> t
     return out, dims
 
 
-def _point_buffers(objective: Objective, buffer_directions: list[Params] | None, point: Tensor) -> Params | None:
-    """The buffers at one point: floating buffers moved along ``buffer_directions`` with the coordinates
-    clamped to ``[0, 1]`` (between the endpoints only: extrapolated running variances could turn negative),
-    the others (e.g. ``num_batches_tracked``) kept; ``None`` keeps them all fixed."""
-    if buffer_directions is None:
-        return None
-    moving = {k: b for k, b in objective.buffers.items() if k in buffer_directions[0]}
-    return {**objective.buffers, **_point_params(moving, buffer_directions, point.clamp(0.0, 1.0))}
-
-
 def _block_buffers(
     objective: Objective, buffer_directions: list[Params] | None, points: Tensor,
 ) -> tuple[Params | None, dict[str, int | None] | None]:
-    """:func:`_point_buffers` for a ``(Q, d)`` block, with the ``in_dims`` as in :func:`_block_params`."""
+    """The buffers at a ``(Q, d)`` block of points, with the ``in_dims`` as in :func:`_block_params`: floating
+    buffers moved along ``buffer_directions`` with the coordinates clamped to ``[0, 1]`` (between the
+    endpoints only: extrapolated running variances could turn negative), the others (e.g.
+    ``num_batches_tracked``) kept; ``None`` keeps them all fixed."""
     if buffer_directions is None:
         return None, None
     moving = {k: b for k, b in objective.buffers.items() if k in buffer_directions[0]}
@@ -193,8 +223,8 @@ def _evaluate_block(
     at_points = torch.vmap(_point_values(objective), in_dims=(param_dims, None, buffer_dims))
     # On the CPU, Q points multiply each call's activations by Q: the data are cut so that one call stays
     # near 1024 example-points, a cache-sized working set (measured: 128 examples x 8 points ran 2.8x
-    # faster per point than 1437 x 8). On a GPU the batch stays whole: Q was sized against its memory by a
-    # pass over the whole first batch (_auto_points_per_pass); whether larger calls pay there is unmeasured.
+    # faster per point than 1437 x 8). On a GPU the batch stays whole: Q was sized against its memory by the
+    # timed passes (landscape._surface_plan) or by _auto_points_per_pass.
     rows = max(32, _CPU_EXAMPLE_POINTS_PER_CALL // points.shape[0]) if objective.device.type == "cpu" else None
     with autocast:
         for weight, batch in objective.weighted_batches():
@@ -213,6 +243,41 @@ def _evaluate_block(
     return sums[0], accuracy
 
 
+@torch.no_grad()
+def _evaluate_loop(
+    objective: Objective, origin: Params, directions: list[Params], points: np.ndarray,
+    autocast_dtype: torch.dtype | None, buffer_directions: list[Params] | None = None, channels_last: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Loss and accuracy at ``(B, d)`` points, one forward pass per point and data batch.
+
+    The values stay on the device until the caller reads them, once per block (no synchronisation per
+    point); ``progress(1)`` is called as each point's work is queued.
+    """
+    at = _PointWriter(origin, directions, channels_last)
+    moving_buffers = None
+    if buffer_directions is not None:
+        floating = {k: b for k, b in objective.buffers.items() if k in buffer_directions[0]}
+        moving_buffers = _PointWriter(floating, buffer_directions)
+    values = _point_values(objective)
+    sums = torch.zeros(3, len(points), dtype=torch.float64, device=objective.device)  # loss, correct, counted
+    with _autocast(objective.device, autocast_dtype):
+        for i, point in enumerate(np.asarray(points, dtype=float).tolist()):
+            params = at.at(point)
+            buffers = None
+            if moving_buffers is not None:
+                buffers = {**objective.buffers, **moving_buffers.at([min(max(a, 0.0), 1.0) for a in point])}
+            for weight, batch in objective.weighted_batches():
+                loss, correct, counted = values(params, batch, buffers)
+                sums[0, i] += weight * loss
+                sums[1, i] += correct
+                sums[2, i] += counted
+            if progress is not None:
+                progress(1)
+    objective._reduce([sums])
+    return sums[0], sums[1] / sums[2]
+
+
 def evaluate_points(
     objective: Objective,
     directions: list[Params],
@@ -222,23 +287,29 @@ def evaluate_points(
     batched: bool = True,
     autocast_dtype: torch.dtype | None = None,
     buffer_directions: list[Params] | None = None,
+    channels_last: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Loss and accuracy of ``objective`` at ``origin + sum_j points[p, j] directions[j]`` for every ``p``.
 
     ``batched=True`` evaluates all the points in one vmapped pass per data batch (the caller chooses how
-    many points to pass at once); ``batched=False`` evaluates them one at a time. ``buffer_directions``
-    (one dict of floating buffers per direction) moves the buffers along with the parameters, with the
-    coordinates clamped to ``[0, 1]``; by default they stay fixed.
+    many points to pass at once); ``batched=False`` evaluates them one at a time, with the 4-D parameters
+    channels-last if ``channels_last`` (the same values up to rounding; faster convolutions on the CPU).
+    ``buffer_directions`` (one dict of floating buffers per direction) moves the buffers along with the
+    parameters, with the coordinates clamped to ``[0, 1]``; by default they stay fixed. The values are read
+    from the device once. ``progress(n)`` is told of every ``n`` points done (each point of the loop).
     """
     origin = objective.params if origin is None else origin
-    pts = torch.as_tensor(points, dtype=objective.dtype, device=objective.device)
-    if batched and pts.shape[0] > 1:
+    if batched and len(points) > 1:
+        pts = torch.as_tensor(points, dtype=objective.dtype, device=objective.device)
         loss, accuracy = _evaluate_block(objective, origin, directions, pts, autocast_dtype, buffer_directions)
-        return loss.cpu().numpy(), accuracy.cpu().numpy()
-    with _autocast(objective.device, autocast_dtype):
-        results = [objective.loss_and_accuracy(_point_params(origin, directions, p),
-                                               _point_buffers(objective, buffer_directions, p)) for p in pts]
-    return np.array([r[0] for r in results]), np.array([r[1] for r in results])
+    else:
+        loss, accuracy = _evaluate_loop(objective, origin, directions, points, autocast_dtype, buffer_directions,
+                                        channels_last, progress)
+    both = torch.stack([loss, accuracy]).cpu().numpy()
+    if progress is not None and batched and len(points) > 1:  # the loop counted its points one by one
+        progress(len(points))
+    return both[0], both[1]
 
 
 def _axis(name: str, steps: object, span: object) -> np.ndarray:
@@ -305,7 +376,7 @@ def _compute_surface(
     recipe: dict[str, Any],
     *,
     path: str | Path | None,
-    batched: bool,
+    batched: bool | None,
     points_per_pass: int | None,
     autocast_dtype: torch.dtype | None,
     progress: bool,
@@ -313,9 +384,12 @@ def _compute_surface(
     distributed: bool = False,
     info: dict[str, Any] | None = None,
 ) -> SurfaceResult:
+    """The grid of ``coords`` around the objective's parameters: resumed from ``path``, the method given,
+    saved or timed on the first points (:func:`_given_plan`, :mod:`landscape._surface_plan`), then the rest
+    in blocks, each saved."""
     distributed = distributed and _distributed.active()
     info = dict(info or {})
-    clash = sorted(set(info) & {"recipe", "points_done", "points_total"})
+    clash = sorted(set(info) & {"recipe", "points_done", "points_total", "evaluation"})
     if clash:
         raise ValueError(f"info may not set {clash}: the saved file keeps those")
     shape = tuple(len(c) for c in coords)
@@ -334,6 +408,57 @@ def _compute_surface(
         npz_path = Path(path).with_suffix(".npz")
         json_path = npz_path.with_suffix(".json")
     writer = not distributed or _distributed.is_main()
+    stored = _stored(npz_path, json_path, recipe, writer, distributed)
+    done = np.zeros(points.shape[0], dtype=bool)
+    saved_record = None
+    if stored is not None:
+        loss, accuracy, done, saved_record = stored
+    done_before = done.copy()
+    todo = np.flatnonzero(~done)
+    replicas = _distributed.world_size() if distributed else 1
+    plan = _given_plan(objective, directions, autocast_dtype, batched, points_per_pass,
+                       _plan.Plan.from_record(saved_record), points.shape[0], replicas, distributed)
+    record = plan.record() if plan is not None and todo.size else saved_record  # a complete grid keeps its own
+    if npz_path is not None and writer and (stored is None or _json_behind(json_path, done) or record != saved_record):
+        _save(npz_path, json_path, loss.reshape(shape), accuracy.reshape(shape), done.reshape(shape), coords, recipe,
+              info, record)
+    bar = progress_bar(total=points.shape[0], initial=points.shape[0] - todo.size, unit="pt",
+                       desc=_description(recipe, len(coords), npz_path), enabled=progress and writer)
+
+    def evaluate(method: _plan.Method, index: np.ndarray, tolerate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        if distributed:
+            return _evaluate_shared(objective, directions, points[index], method, autocast_dtype, buffer_directions,
+                                    tolerate)
+        return _evaluate_passes(objective, directions, points[index], method, autocast_dtype, buffer_directions,
+                                bar.update)
+
+    def commit(index: np.ndarray, values: np.ndarray, accs: np.ndarray) -> None:
+        loss[index], accuracy[index], done[index] = values, accs, True
+        if npz_path is not None and writer:
+            _save(npz_path, json_path, loss.reshape(shape), accuracy.reshape(shape), done.reshape(shape), coords,
+                  recipe, info, record)
+        if distributed:  # else counted as the points are done
+            bar.update(index.size)
+
+    if plan is None and todo.size:
+        share = _distributed.broadcast_object if distributed else (lambda value: value)
+        plan, used = _plan.time_first_points(
+            todo, points.shape[0], _plan.loop_candidates(batched, _has_4d(objective)), batched is not False, evaluate,
+            commit, objective.device, replicas, _plan.cpu_points_per_pass_cap(_bytes(objective.params)), share)
+        todo, record = todo[used:], plan.record()
+    if plan is not None:
+        for start in range(0, todo.size, plan.points_per_save):
+            index = todo[start : start + plan.points_per_save]
+            commit(index, *evaluate(plan.method, index))
+    bar.close()
+    return SurfaceResult([np.asarray(c) for c in coords], loss.reshape(shape), accuracy.reshape(shape),
+                         {"recipe": recipe, "evaluation": record, **info}, computed=int(np.count_nonzero(~done_before)))
+
+
+def _stored(npz_path: Path | None, json_path: Path | None, recipe: dict[str, Any], writer: bool,
+            distributed: bool) -> tuple[Any, ...] | None:
+    """What :func:`_read_saved` finds at ``npz_path``; under ``distributed``, rank 0 reads it and every process
+    learns its content, or its problem."""
     stored, problem = None, None
     if npz_path is not None and writer:
         try:
@@ -342,42 +467,63 @@ def _compute_surface(
             if not distributed:
                 raise
             problem = error
-    if distributed:  # rank 0 read the file: everyone learns its content, or its problem
+    if distributed:
         stored, problem = _distributed.broadcast_object((stored, problem))
     if problem is not None:
         raise problem
-    done = np.zeros(points.shape[0], dtype=bool)
-    if stored is not None:
-        loss, accuracy, done = stored
-    if npz_path is not None and writer and (stored is None or _json_behind(json_path, done)):
-        _save(npz_path, json_path, loss.reshape(shape), accuracy.reshape(shape), done.reshape(shape), coords, recipe, info)
-    todo = np.flatnonzero(~done)
-    if not batched:
-        q = 1
-    elif points_per_pass is not None:
-        q = max(1, int(points_per_pass))
-    else:
+    return stored
+
+
+def _given_plan(
+    objective: Objective, directions: list[Params], autocast_dtype: torch.dtype | None, batched: bool | None,
+    points_per_pass: int | None, saved: _plan.Plan | None, grid_size: int, replicas: int, distributed: bool,
+) -> _plan.Plan | None:
+    """The plan that needs no timing: the arguments', a saved timed one, or a small grid's default; ``None``:
+    time the first points (:mod:`landscape._surface_plan`)."""
+    device = objective.device.type
+    if batched is False or points_per_pass is not None:
+        q = 1 if batched is False else check_int("points_per_pass", points_per_pass, 1)
+        return _plan.Plan(_plan.Method(q), q * replicas, "argument", device)
+    if saved is not None and saved.chosen_by == "timing" and saved.device == device and (
+            batched is None or saved.method.batched):
+        per_pass = saved.method.points_per_pass * replicas
+        return _plan.Plan(saved.method, max(per_pass, saved.points_per_save // per_pass * per_pass), saved.chosen_by,
+                          saved.device, saved.seconds_per_point, saved.skipped)
+    if grid_size >= _plan.TIMED_FROM:
+        return None
+    if device == "cuda":
         q = _auto_points_per_pass(objective, directions, autocast_dtype)
         if distributed:  # the same rounds on every process
             q = _distributed.broadcast_object(q)
-    replicas = _distributed.world_size() if distributed else 1
-    bar = progress_bar(total=points.shape[0], initial=points.shape[0] - todo.size, unit="pt",
-                       desc=_description(recipe, len(coords), npz_path), enabled=progress and writer)
-    for start in range(0, todo.size, q * replicas):
-        index = todo[start : start + q * replicas]
-        if distributed:
-            values, accs = _evaluate_shared(objective, directions, points[index], batched, autocast_dtype,
-                                            buffer_directions)
-        else:
-            values, accs = evaluate_points(objective, directions, points[index], batched=batched,
-                                           autocast_dtype=autocast_dtype, buffer_directions=buffer_directions)
-        loss[index], accuracy[index], done[index] = values, accs, True
-        if npz_path is not None and writer:
-            _save(npz_path, json_path, loss.reshape(shape), accuracy.reshape(shape), done.reshape(shape), coords, recipe, info)
-        bar.update(index.size)
-    bar.close()
-    return SurfaceResult([np.asarray(c) for c in coords], loss.reshape(shape), accuracy.reshape(shape),
-                         {"recipe": recipe, **info}, computed=int(todo.size))
+    else:
+        q = _CPU_DEFAULT_POINTS_PER_PASS if batched else 1
+    return _plan.Plan(_plan.Method(q), q * replicas, "default", device)
+
+
+def _has_4d(objective: Objective) -> bool:
+    """Whether the channels-last loop is worth timing: some parameter is a 4-D (convolution) kernel."""
+    return any(t.ndim == 4 for t in (*objective.params.values(), *objective.fixed.values()))
+
+
+def _bytes(tensors: Params) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _evaluate_passes(
+    objective: Objective, directions: list[Params], points: np.ndarray, method: _plan.Method,
+    autocast_dtype: torch.dtype | None, buffer_directions: list[Params] | None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loss and accuracy at ``points`` with ``method``: one loop over them, or vmapped passes of ``Q`` points."""
+    if not method.batched:
+        return evaluate_points(objective, directions, points, batched=False, autocast_dtype=autocast_dtype,
+                               buffer_directions=buffer_directions, channels_last=method.channels_last,
+                               progress=progress)
+    q = method.points_per_pass
+    parts = [evaluate_points(objective, directions, points[s : s + q], batched=True, autocast_dtype=autocast_dtype,
+                             buffer_directions=buffer_directions, progress=progress)
+             for s in range(0, len(points), q)]
+    return np.concatenate([v for v, _ in parts]), np.concatenate([a for _, a in parts])
 
 
 def _description(recipe: dict[str, Any], dims: int, npz_path: Path | None) -> str:
@@ -386,10 +532,11 @@ def _description(recipe: dict[str, Any], dims: int, npz_path: Path | None) -> st
     return f"surface: {what} of loss and accuracy" + (f" ({npz_path.stem})" if npz_path is not None else "")
 
 
-def _read_saved(npz_path: Path, json_path: Path, recipe: dict[str, Any]) -> tuple[np.ndarray, ...] | None:
-    """The flat loss, accuracy and done-mask saved at ``npz_path`` under the same recipe; ``None`` if
-    nothing is saved. The ``.npz`` holds the recipe itself, so a run killed between writing it and its
-    ``.json`` resumes (and rewrites the ``.json``).
+def _read_saved(npz_path: Path, json_path: Path, recipe: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The flat loss, accuracy and done-mask saved at ``npz_path`` under the same recipe, and how its points
+    were evaluated (:meth:`landscape._surface_plan.Plan.record`, or ``None``); ``None`` if nothing is saved.
+    The ``.npz`` holds the recipe itself, so a run killed between writing it and its ``.json`` resumes (and
+    rewrites the ``.json``).
 
     Raises:
         FileExistsError: a lone ``.json``, or an ``.npz`` that is not a surface saved here.
@@ -403,13 +550,13 @@ def _read_saved(npz_path: Path, json_path: Path, recipe: dict[str, Any]) -> tupl
     if saved is None:
         raise FileExistsError(f"{npz_path} is not a surface saved by landscape.surface; move it away "
                               "(it is not overwritten)")
-    loss, accuracy, done, saved_recipe, _ = saved
+    loss, accuracy, done, saved_recipe, _, evaluation = saved
     if saved_recipe is None:
         raise FileExistsError(f"{npz_path} was saved by an earlier version of landscape.surface, whose recipe "
                               "lacks the data and buffer hashes; delete it (or pass --overwrite) to recompute")
     if saved_recipe != recipe:
         raise RecipeMismatchError(npz_path, differing_keys(saved_recipe, recipe))
-    return loss.ravel(), accuracy.ravel(), done.ravel()
+    return loss.ravel(), accuracy.ravel(), done.ravel(), evaluation
 
 
 def _json_behind(json_path: Path, done: np.ndarray) -> bool:
@@ -423,11 +570,13 @@ def _json_behind(json_path: Path, done: np.ndarray) -> bool:
     return not isinstance(saved, dict) or saved.get("points_done") != int(np.count_nonzero(done))
 
 
-def _read_npz(npz_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any] | None, list[np.ndarray]] | None:
-    """``(loss, accuracy, done, recipe, coords)`` from a saved ``.npz``; ``None`` if it is not a surface.
+def _read_npz(npz_path: Path) -> tuple[Any, ...] | None:
+    """``(loss, accuracy, done, recipe, coords, evaluation)`` from a saved ``.npz``; ``None`` if it is not a
+    surface.
 
     A file of an earlier version holds only the values and coordinates: its ``recipe`` is ``None`` (it is
-    in the ``.json``) and NaN marks the points not done.
+    in the ``.json``) and NaN marks the points not done. ``evaluation`` (how the points were evaluated) is
+    ``None`` in files written before it was saved.
     """
     try:
         with np.load(npz_path) as stored:
@@ -437,38 +586,56 @@ def _read_npz(npz_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[
             loss, accuracy = stored["loss"].copy(), stored["accuracy"].copy()
             coords = [stored[f"coords_{i}"] for i in range(loss.ndim)]
             if "recipe" not in files:
-                return loss, accuracy, ~np.isnan(loss), None, coords
-            return loss, accuracy, stored["done"].astype(bool), json.loads(str(stored["recipe"])), coords
+                return loss, accuracy, ~np.isnan(loss), None, coords, None
+            evaluation = json.loads(str(stored["evaluation"])) if "evaluation" in files else None
+            return loss, accuracy, stored["done"].astype(bool), json.loads(str(stored["recipe"])), coords, evaluation
     except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile):  # not an npz of ours
         return None
 
 
 def _evaluate_shared(
-    objective: Objective, directions: list[Params], points: np.ndarray, batched: bool,
-    autocast_dtype: torch.dtype | None, buffer_directions: list[Params] | None,
+    objective: Objective, directions: list[Params], points: np.ndarray, method: _plan.Method,
+    autocast_dtype: torch.dtype | None, buffer_directions: list[Params] | None, tolerate: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Loss and accuracy at ``points``, each process evaluating its contiguous share, gathered everywhere.
 
-    The shares differ in size by at most one; each is padded to the largest for ``all_gather``.
+    The shares differ in size by at most one; each is padded to the largest for ``all_gather``. With
+    ``tolerate`` (a timed candidate), a failure of the method on any process raises on every process
+    (one of :data:`landscape._surface_plan.TOLERATED`) instead of leaving the others waiting.
     """
     replicas = _distributed.world_size()
     mine = _distributed.shard(points.shape[0])
     width = -(-points.shape[0] // replicas)
-    block = torch.full((width, 2), float("nan"), dtype=torch.float64, device=objective.device)
+    block = torch.full((width, 3), float("nan"), dtype=torch.float64, device=objective.device)  # loss, acc, failed
+    block[:, 2] = 0
+    failure: BaseException | None = None
     if mine.stop > mine.start:
-        values, accs = evaluate_points(objective, directions, points[mine], batched=batched,
-                                       autocast_dtype=autocast_dtype, buffer_directions=buffer_directions)
-        block[: mine.stop - mine.start] = torch.as_tensor(np.stack([values, accs], axis=1), device=objective.device)
+        try:
+            values, accs = _evaluate_passes(objective, directions, points[mine], method, autocast_dtype,
+                                            buffer_directions)
+            block[: mine.stop - mine.start, :2] = torch.as_tensor(np.stack([values, accs], axis=1),
+                                                                 device=objective.device)
+        except _plan.TOLERATED as error:
+            if not tolerate:
+                raise
+            failure, block[:, 2] = error, 1
     gathered = [torch.empty_like(block) for _ in range(replicas)]
     torch.distributed.all_gather(gathered, block)
+    if any(bool(g[:, 2].any()) for g in gathered):  # the same error on every process, naming the first that failed
+        reasons: list[Any] = [None] * replicas
+        mine_failed = None if failure is None else f"{type(failure).__name__}: {failure}"
+        torch.distributed.all_gather_object(reasons, mine_failed)
+        first = next(r for r, reason in enumerate(reasons) if reason is not None)
+        raise RuntimeError(f"process {first}: {reasons[first]}") from failure
     shares = [_distributed.shard(points.shape[0], r, replicas) for r in range(replicas)]
-    parts = [g[: share.stop - share.start] for g, share in zip(gathered, shares)]
+    parts = [g[: share.stop - share.start, :2] for g, share in zip(gathered, shares)]
     joined = torch.cat(parts).cpu().numpy()
     return joined[:, 0], joined[:, 1]
 
 
 def _auto_points_per_pass(objective: Objective, directions: list[Params], autocast_dtype: torch.dtype | None) -> int:
-    """How many grid points fit in one vmapped pass.
+    """How many grid points fit in one vmapped pass, for a grid too small to time (on a larger one the
+    timed passes measure their own memory: :mod:`landscape._surface_plan`).
 
     On a GPU: the peak memory of a two-point pass over the first batch, measured, against half the free
     memory, capped at 256. On the CPU: 1, the plain loop. There a forward pass is compute-bound and every
@@ -493,14 +660,20 @@ def _auto_points_per_pass(objective: Objective, directions: list[Params], autoca
 
 
 def _save(npz_path: Path, json_path: Path, loss: np.ndarray, accuracy: np.ndarray, done: np.ndarray,
-          coords: list[np.ndarray], recipe: dict[str, Any], info: dict[str, Any]) -> None:
-    """The grid so far, atomically: ``.npz`` (values, done-mask, coordinates and the recipe), then a
-    ``.json`` with the recipe, progress and ``info``. Points not done hold NaN."""
+          coords: list[np.ndarray], recipe: dict[str, Any], info: dict[str, Any],
+          evaluation: dict[str, Any] | None = None) -> None:
+    """The grid so far, atomically: ``.npz`` (values, done-mask, coordinates, the recipe and how the points
+    are evaluated), then a ``.json`` with the recipe, progress, ``evaluation`` and ``info``. Points not done
+    hold NaN."""
     arrays = {"loss": loss, "accuracy": accuracy, "done": done, "recipe": np.array(json.dumps(recipe)),
               **{f"coords_{i}": c for i, c in enumerate(coords)}}
+    extra = {}
+    if evaluation is not None:
+        arrays["evaluation"] = np.array(json.dumps(evaluation))
+        extra["evaluation"] = evaluation
     atomic_write(npz_path, lambda f: np.savez(f, **arrays))
     atomic_write_json(json_path, {"recipe": recipe, "points_done": int(np.count_nonzero(done)),
-                                  "points_total": int(done.size), **info})
+                                  "points_total": int(done.size), **extra, **info})
 
 
 def slice_1d(
@@ -515,7 +688,7 @@ def slice_1d(
     norm: str = "filter",
     ignore: str = "biasbn",
     path: str | Path | None = None,
-    batched: bool = True,
+    batched: bool | None = None,
     points_per_pass: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     dtype: torch.dtype | None = None,
@@ -536,6 +709,9 @@ def slice_1d(
     e.g. the eigenvalues of given Hessian directions) is saved in the ``.json`` beside the recipe from the
     first write on and returned in ``meta``. ``distributed=True``: every
     process of a ``torchrun`` job makes this call and evaluates its share of the points (module docstring).
+    ``batched=None`` and ``points_per_pass=None`` (default): the loop or ``Q`` points per vmapped pass,
+    whichever is fastest on the first points, timed (module docstring; the choice is ``meta["evaluation"]``);
+    ``batched=False``: the plain loop; ``points_per_pass=Q``: ``Q`` points per pass, untimed.
     """
     coords = [_axis("span", steps, span)]
     objective = evaluation_objective(model, loss_fn, data, dtype=dtype, device=device, batch_size=batch_size,
@@ -566,7 +742,7 @@ def slice_2d(
     ignore: str = "biasbn",
     orthogonal: bool = False,
     path: str | Path | None = None,
-    batched: bool = True,
+    batched: bool | None = None,
     points_per_pass: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     dtype: torch.dtype | None = None,
@@ -617,7 +793,7 @@ def interpolate(
     span: tuple[float, float] = (-0.5, 1.5),
     *,
     path: str | Path | None = None,
-    batched: bool = True,
+    batched: bool | None = None,
     points_per_pass: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     dtype: torch.dtype | None = None,
@@ -683,7 +859,7 @@ def load(path: str | Path) -> SurfaceResult:
     saved = _read_npz(npz_path)
     if saved is None or (saved[3] is None and not json_path.exists()):  # an earlier version's recipe is in its .json
         raise ValueError(f"{npz_path} is not a surface saved by landscape.surface")
-    loss, accuracy, done, recipe, coords = saved
+    loss, accuracy, done, recipe, coords, _ = saved
     meta = read_json(json_path) if json_path.exists() else {
         "recipe": recipe, "points_done": int(np.count_nonzero(done)), "points_total": int(done.size)}
     if not isinstance(meta, dict):

@@ -159,9 +159,71 @@ def test_frozen_parameters_are_fixed_not_analysed():
 
 def test_auto_hvp_method_picks_a_working_method():
     objective = Objective(small_cnn(), F.cross_entropy, cnn_data(), dtype=F64, batch_size=8)
-    assert objective.hvp_method in ("jvp", "double_backward")
-    single = Objective(small_cnn(), F.cross_entropy, cnn_data(), dtype=F64)
-    assert single.hvp_method == "graph"  # one batch: keep its gradient graph between products
+    assert objective.hvp_method in ("graph", "jvp", "double_backward")
+    assert set(objective.hvp_timings) == {"graph", "jvp", "double_backward"}  # kept data: all three timed
+    assert all(seconds > 0 for seconds in objective.hvp_timings.values())
+    assert objective.hvp_timings[objective.hvp_method] == min(objective.hvp_timings.values())
+
+
+def _forced_timings(monkeypatch, seconds: dict[str, float]) -> list[str]:
+    """Make ``hvp_method="auto"`` measure ``seconds[method]`` for each product it times (each is still run);
+    returns the list of methods timed, in order."""
+    import landscape.objective as objective_module
+
+    timed = []
+
+    def fake(method, product, device):
+        product()
+        timed.append(method)
+        return seconds[method]
+
+    monkeypatch.setattr(objective_module, "_product_seconds", fake)
+    return timed
+
+
+@pytest.mark.parametrize("fastest", ["graph", "jvp", "double_backward"])
+def test_auto_keeps_the_fastest_timed_method_and_its_products_match_dense_float64(monkeypatch, fastest):
+    seconds = {"graph": 3.0, "jvp": 2.0, "double_backward": 4.0}
+    seconds[fastest] = 1.0
+    timed = _forced_timings(monkeypatch, seconds)
+    model = small_cnn()
+    X, y = cnn_data()
+    _, flat, _, _, hessian = dense_reference(model, X, y)
+    objective = Objective(model, F.cross_entropy, (X, y), dtype=F64, batch_size=10)  # 4 batches
+    assert objective.hvp_method == fastest and objective.hvp_choice.asked == "auto"
+    assert sorted(timed) == ["double_backward", "graph", "jvp"]
+    assert objective.hvp_timings == seconds and objective.hvp_choice.probe_examples == 10
+    assert objective.hvp_choice.graph_bytes <= objective.hvp_choice.graph_budget
+    v = torch.randn(flat.shape[0], dtype=F64, generator=torch.Generator().manual_seed(5))
+    for _ in range(2):  # a second product reuses the kept graph (graph) or recomputes (the others)
+        torch.testing.assert_close(objective.hessian_operator().matvec(v), hessian @ v, rtol=1e-10, atol=1e-12)
+    # Cached: products never time again; a resumed analysis passes the method back and takes the same products.
+    assert len(timed) == 3
+    again = Objective(model, F.cross_entropy, (X, y), dtype=F64, batch_size=10, hvp_method=objective.hvp_method)
+    assert len(timed) == 3 and again.hvp_choice.asked == fastest and again.hvp_timings == {}
+    assert torch.equal(again.hessian_operator().matvec(v), objective.hessian_operator().matvec(v))
+
+
+def test_auto_leaves_out_a_kept_graph_above_the_memory_budget(monkeypatch):
+    timed = _forced_timings(monkeypatch, {"graph": 1.0, "jvp": 2.0, "double_backward": 3.0})
+    X, y = mlp_data()
+    data_bytes = X.numel() * 8 + y.numel() * 8  # float64 inputs, int64 targets
+    roomy = Objective(small_mlp(), F.cross_entropy, (X, y), dtype=F64, batch_size=8)
+    graph_bytes = roomy.hvp_choice.graph_bytes
+    # the saved activations of 41 examples (7 tanh outputs and more per example) and the gradient (59 values)
+    assert 41 * 7 * 8 + 59 * 8 < graph_bytes < 41 * 1000 * 8 and roomy.hvp_method == "graph"
+    timed.clear()
+    tight = Objective(small_mlp(), F.cross_entropy, (X, y), dtype=F64, batch_size=8, memory_budget=data_bytes + 64)
+    assert not tight.stream and tight.hvp_choice.graph_bytes == graph_bytes
+    assert tight.hvp_method == "jvp" and sorted(timed) == ["double_backward", "jvp"]
+    assert "graph" not in tight.hvp_timings and "budget" in tight.hvp_choice.reason
+
+
+def test_an_asked_method_is_not_timed(monkeypatch):
+    timed = _forced_timings(monkeypatch, {})
+    objective = Objective(small_mlp(), F.cross_entropy, mlp_data(), dtype=F64, hvp_method="jvp")
+    assert objective.hvp_method == "jvp" and objective.hvp_timings == {} and timed == []
+    assert objective.hvp_choice.to_dict()["reason"] == "asked for"
 
 
 def test_kept_graph_follows_the_parameters():
