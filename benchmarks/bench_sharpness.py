@@ -5,8 +5,9 @@ digits training split (1437 examples; ``N // m`` disjoint chunks of the same see
 process:
 
 * ``vmap E=..``: :func:`landscape.sharpness.m_sharpness` with ``batched=True, examples_per_call=E``:
-  ``E / m`` chunks per call, the per-chunk gradients from ``torch.vmap(grad_and_value(...))`` over
-  stacked perturbations (``m = 1``: per-example gradients);
+  ``E / m`` chunks per call (at most ``2**24`` stacked parameter values: 296 chunks of this CNN), the
+  per-chunk gradients from ``torch.vmap(grad_and_value(...))`` (``m = 1``: per-example gradients) and
+  the perturbed losses from one vmapped call over the stacked perturbed weights;
 * ``loop (ours)``: the same call with ``batched=False``: one ``grad_and_value`` call per chunk;
 * ``loop (autograd, in place)``: what one writes by hand with davda54/sam's recipe: per chunk,
   ``loss.backward()`` on the module, ``p.add_(e)`` in place, a second forward, ``p.sub_(e)``.

@@ -34,6 +34,10 @@ def test_help_documents_every_flag_with_its_default(capsys):
             assert f"{flag} | --no-{f.name.replace('_', '-')}" in text
         elif f.name == "model":  # it depends on --dataset
             assert "--model {" in text and "default: the dataset's own (digits_cnn; mnist1d_mlp for mnist1d)" in text
+        elif f.name == "amp":  # it depends on --device: decided when the config is made
+            assert "--amp {auto,none,bf16,fp16}" in text and "else none (default: auto)" in text
+        elif f.name == "channels_last":
+            assert "--channels-last | --no-channels-last" in text and "default: on for image models on CUDA" in text
         elif value is not None:
             rendered = str(value) if not isinstance(value, list) else str(value)
             assert f"(default: {rendered})" in text, f.name
