@@ -113,6 +113,17 @@ def _figures() -> list[tuple[str, list[Any], str]]:
                   for noise in (0.0, 0.2, 0.4, 0.6, 0.8)]
     noise_rows[-1]["spread"] = None  # missing spreads must render as zero-length error bars
 
+    reductions = [{"setting": f"model={model}, label_noise={noise}", "reduction": r, "reduction_spread": sd}
+                  for model, noise, r, sd in (("mlp", 0, 0.089, 0.034), ("mlp", 0.2, 0.047, 0.02),
+                                              ("cnn", 0, 0.158, 0.099), ("cnn", 0.2, -0.02, 0.029))]
+    rho = [0.0, 0.05, 0.1, 0.2, 0.4]
+    rho_lines = [{"label": f"m={m}", "rho": rho, "error": [0.33 - slope * r for r in rho], "spread": [0.01] * 5}
+                 for m, slope in ((25, 0.25), (100, 0.2))]
+    spectra = {label: [{"epoch": e, "eigenvalues": np.array([top, 0.6 * top, 0.3 * top]) * (1 + e / 100),
+                        "density_grid": grid, "density": density(top * (1 + e / 100), 0.5)} for e in (50, 100, 200)]
+               for label, top in (("SGD", 20.0), ("SAM", 6.0))}
+    spectra["SAM"][0].pop("density")  # an epoch without a density: its top eigenvalues as markers
+
     called: set[str] = set()
 
     def fig(name: str, *args: Any, **kwargs: Any) -> Any:
@@ -130,6 +141,9 @@ def _figures() -> list[tuple[str, list[Any], str]]:
          ""),
         ("Training", [fig("training_curves", metrics)], ""),
         ("Label noise", [fig("label_noise", noise_rows)], "Clean test accuracy <with> label noise & spread."),
+        ("Spectrum during training", [fig("spectrum_evolution", spectra)], "Epochs 50, 100 and 200."),
+        ("Across settings", [fig("error_reduction", reductions), fig("error_vs_rho", rho_lines, [
+            {"label": "SGD", "error": 0.33, "spread": 0.01}])], "Error reduction; error against rho."),
     ]
     missing = set(interactive.__all__) - called
     assert not missing, f"interactive figures not covered by the browser test: {sorted(missing)}"
