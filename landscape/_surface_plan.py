@@ -17,9 +17,11 @@ which are kept as part of the grid:
 1. the loop on :data:`LOOP_POINTS` points, the first untimed (a warm-up: first-call costs);
 2. the loop channels-last likewise, when some parameter is 4-D;
 3. batched passes: one untimed pass of 2 points (vmap's first call is slow), then ``Q = 2, 4, 8, ...``
-   while the time per point keeps falling by at least 5% a doubling, memory allows (on a GPU the
-   measured peak of the last pass against half the free memory; on the CPU the stacked parameters
-   against 1 GiB) and a pass takes at most 1/:data:`ZONE_SHARE` of the grid.
+   while the time per point keeps falling by at least 5% a doubling, from ``Q = 4`` on stays within 1.5x
+   the fastest loop's (on 2 CPU cores a small CNN's passes cost 1.5-2x the channels-last loop's per point:
+   timing more of them would cost more than they could win), memory allows (on a GPU the measured peak
+   of the last pass against half the free memory; on the CPU the stacked parameters against 1 GiB) and a
+   pass takes at most 1/:data:`ZONE_SHARE` of the grid.
 
 The fastest per point evaluates the rest, saved in blocks of about :data:`SAVE_SECONDS` of work. A
 candidate the model does not support (a kernel ``view``-ed as contiguous, data-dependent control flow
@@ -48,6 +50,7 @@ LOOP_POINTS = 5  # per loop candidate: one warm-up point, then four timed
 TIMED_FROM = 64  # grids with fewer points are not timed
 ZONE_SHARE = 8  # a timed batched pass takes at most 1/8 of the grid's points
 GROWTH = 0.95  # a larger Q is tried while the last doubling cut the time per point to 95% or less
+BEHIND = 1.5  # ... and, from Q = 4 on, while it is within 1.5x the fastest loop's time per point
 SAVE_SECONDS = 2.0  # after timing, points are saved in blocks of about this much work
 MAX_POINTS_PER_PASS = 256
 CPU_STACK_BYTES = 2**30  # the stacked parameters of one CPU pass stay under 1 GiB
@@ -250,9 +253,10 @@ class _Timing:
             self.seconds[method] = result[0] / count
 
     def batched(self, grid_size: int, tolerate: bool) -> None:
-        """``Q = 2, 4, 8, ...`` while the time per point falls by 5% a doubling, memory allows and a pass takes
-        at most 1/:data:`ZONE_SHARE` of the grid; first one untimed pass of 2 (vmap's first call costs far
-        more than a pass: 0.6 s for a small CNN). Only ``Q = 2`` may fail untolerated: ``tolerate`` is whether
+        """``Q = 2, 4, 8, ...`` while the time per point falls by 5% a doubling, from ``Q = 4`` on stays within
+        :data:`BEHIND` times the fastest loop's, memory allows and a pass takes at most 1/:data:`ZONE_SHARE` of
+        the grid; first one untimed pass of 2 (vmap's first call costs far more than a pass: 0.6 s for a small
+        CNN). Only ``Q = 2`` may fail untolerated: ``tolerate`` is whether
         a loop was timed before."""
         q, cap, previous = 2, self.cpu_cap, None
         if cap < 2 or self.left < 4 * self.replicas or self.run(Method(q), q * self.replicas, tolerate) is None:
@@ -262,10 +266,13 @@ class _Timing:
             result = self.run(Method(q), count, tolerate or q > 2)
             if result is None:
                 return
-            self.seconds[Method(q)], cap = result[0] / count, result[1]
-            if previous is not None and self.seconds[Method(q)] > GROWTH * previous:
+            now = self.seconds[Method(q)] = result[0] / count
+            cap = result[1]
+            if previous is not None and now > GROWTH * previous:
                 return
-            previous, q = self.seconds[Method(q)], 2 * q
+            if q >= 4 and now > BEHIND * min((t for m, t in self.seconds.items() if not m.batched), default=np.inf):
+                return  # far behind a loop (a CNN on the CPU): larger passes would cost more than they could win
+            previous, q = now, 2 * q
 
     def plan(self, fallback: Method) -> Plan:
         """The fastest per point, saved every :data:`SAVE_SECONDS` of work; ``fallback`` if nothing was timed

@@ -648,8 +648,8 @@ class HVPChoice:
         method: the method every product takes.
         asked: the ``hvp_method`` argument (``"auto"`` or a method).
         reason: why, in words.
-        seconds: one product on the probe batch per method timed (the best of two, after a warm-up run, the
-            device synchronised); empty when nothing was timed.
+        seconds: one product on the probe batch per method timed (the best of three, after a warm-up run,
+            the device synchronised); empty when nothing was timed.
         probe_examples: examples of the probe batch (the first batch's first 256).
         graph_bytes: the estimated size of the kept gradient graph over this process's data, when estimated.
         graph_budget: the bytes it was allowed, when estimated.
@@ -691,9 +691,9 @@ class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
 
 def _product_seconds(method: str, product: Callable[[], Any], device: torch.device) -> float:
     """Seconds of one call of ``product`` (a product by ``method``), the device synchronised before and after:
-    the best of two calls, so that one preempted call on a shared machine does not decide."""
+    the best of three calls, so that a preempted call on a shared machine does not decide."""
     best = math.inf
-    for _ in range(2):
+    for _ in range(3):
         _synchronize(device)
         start = time.perf_counter()
         product()

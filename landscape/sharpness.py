@@ -30,8 +30,8 @@ example is its own chunk whatever the permutation: the data are read batch by ba
 over stacked perturbations (``m = 1`` gives per-example gradients), ``batched=False`` loops over chunks in
 Python (the reference path). The vectorised ascent starts from the per-chunk gradients at ``w`` itself,
 vmapped over the chunks only (one plain batched forward, no stacked copy of the weights), takes its first
-step as one scaling of them per chunk, and on the CPU computes convolutions' per-chunk weight gradients as
-batched matrix products (:mod:`landscape._per_example`). A chunk's loss is the mean over its loss terms (its tokens, for a language
+step as one scaling of them per chunk, and writes the perturbed weights into one stack reused from call to
+call. A chunk's loss is the mean over its loss terms (its tokens, for a language
 model; :mod:`landscape.batches`); a chunk without any (every target ignored) is left out.
 
 Models and data beyond ``(x, y)`` tensors: every function here also takes the keyword options of
@@ -52,7 +52,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -65,7 +64,6 @@ from torch import Tensor, nn
 from torch.func import grad_and_value
 
 from ._checks import check_int
-from ._per_example import PerExampleConvolutions
 from .batches import batch_size, split_chunks, take
 from .lanczos import top_eigenpairs
 from .objective import Data, LossFn, Objective, Params, _first_sentence, _warn_once, evaluation_objective
@@ -95,8 +93,9 @@ ASCENTS = ("pgd", "apgd")
 NOISES = ("gaussian", "uniform")
 DEFAULT_MS = (1, 4, 16, 64, 256)
 
-# Examples (chunk size x chunks) in one vmapped call. On the CPU, per-example gradients of the digits CNN
-# ran fastest at 128 (m = 1: 0.64 s at 128, 1.25 s at 512, 5.06 s looping; benchmarks/RESULTS.md).
+# Examples (chunk size x chunks) in one vmapped call. On the CPU, m = 1 on the digits CNN ran fastest at 128
+# (one thread, three runs: 0.62-0.95 s at 128, 0.77-0.90 s at 32, 1.01-1.07 s at 512, 3.8-4.5 s looping;
+# benchmarks/RESULTS.md).
 _EXAMPLES_PER_CALL = {"cpu": 128, "cuda": 1024}
 _PARAM_ELEMENTS_PER_CALL = 2**24  # stacked perturbation elements in one vmapped call (64 MiB in float32)
 _TINY = 1e-12
@@ -324,12 +323,10 @@ def _vmapped_evaluators(objective: Objective, origin: Params, scale: Params | No
     ``start`` gives the per-chunk gradients at ``w`` itself, vmapped over the chunks only (the parameters
     unstacked: one plain batched forward). The perturbed weights ``w + c u`` are written into ``buffer``
     (stacks of at least ``count``, reused from group to group: a fresh stack the size of the parameters per
-    call costs the CPU a page fault per 4 KiB), and ``grad_u = c * grad_w`` there. On the CPU, convolutions'
-    per-chunk weight gradients are batched matrix products (:mod:`landscape._per_example`)."""
+    call costs the CPU a page fault per 4 KiB), and ``grad_u = c * grad_w`` there."""
     per_chunk = torch.vmap(grad_and_value(objective.batch_loss), in_dims=(0, 0))
     at_origin = torch.vmap(grad_and_value(objective.batch_loss), in_dims=(None, 0))
     loss = torch.vmap(objective.batch_loss, in_dims=(0, 0))
-    per_example = PerExampleConvolutions if objective.device.type == "cpu" else contextlib.nullcontext
 
     def perturbed(u: Params) -> Params:
         out = {k: b[:count] for k, b in buffer.items()}
@@ -344,8 +341,7 @@ def _vmapped_evaluators(objective: Objective, origin: Params, scale: Params | No
         return g if scale is None else {k: t.mul_(scale[k]) for k, t in g.items()}
 
     def value_and_grad(u: Params) -> tuple[Tensor, Params]:
-        with per_example():
-            g, f = per_chunk(perturbed(u), chunks)
+        g, f = per_chunk(perturbed(u), chunks)
         return f, scaled(g)
 
     def value(u: Params) -> Tensor:
@@ -353,8 +349,7 @@ def _vmapped_evaluators(objective: Objective, origin: Params, scale: Params | No
             return loss(perturbed(u), chunks)
 
     def start() -> tuple[Tensor, Params]:
-        with per_example():
-            g, f = at_origin(origin, chunks)
+        g, f = at_origin(origin, chunks)
         return f, scaled(g)
 
     return value_and_grad, value, start

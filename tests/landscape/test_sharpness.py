@@ -526,40 +526,6 @@ def test_vmap_path_equals_the_python_loop(cnn_objective, m):
         assert batched.value == pytest.approx(looped.value, rel=1e-6), case
 
 
-CONVOLUTIONS = {
-    "conv2d strided, padded": lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1),
-    "conv2d dilated, no bias": lambda: nn.Conv2d(3, 5, (3, 2), stride=(1, 2), padding=(2, 1), dilation=2, bias=False),
-    "conv1d": lambda: nn.Conv1d(3, 5, 4, stride=2, padding=1),
-    "conv2d groups=3 (native)": lambda: nn.Conv2d(3, 6, 3, groups=3),
-    "conv2d padding='same' (native)": lambda: nn.Conv2d(3, 5, 3, padding="same"),
-}
-
-
-@pytest.mark.parametrize("name", list(CONVOLUTIONS))
-def test_per_example_convolutions_give_vmaps_own_per_chunk_gradients(name):
-    """The im2col weight gradients (landscape._per_example) against vmap's own, at shared and at stacked
-    weights, with the input's gradient too (a convolution inside the network)."""
-    from landscape._per_example import PerExampleConvolutions
-
-    torch.manual_seed(0)
-    conv = CONVOLUTIONS[name]().double()
-    spatial = (9,) if isinstance(conv, nn.Conv1d) else (9, 9)
-    x = torch.randn(6, 2, 3, *spatial, dtype=F64)  # 6 chunks of 2 examples
-    params = {k: v.detach() for k, v in conv.named_parameters()}
-    stacked = {k: v + 0.1 * torch.randn((6,) + v.shape, dtype=F64) for k, v in params.items()}
-
-    def loss(p, chunk):
-        return functional_call(conv, p, (chunk.tanh(),)).sin().sum()
-
-    for f, args in ((torch.func.grad(loss), (params, x)), (torch.func.grad(loss), (stacked, x)),
-                    (torch.func.grad(lambda c, p: loss(p, c)), (x, params))):
-        vmapped = torch.vmap(f, in_dims=tuple(None if a is params else 0 for a in args))
-        expected = vmapped(*args)
-        with PerExampleConvolutions():
-            got = vmapped(*args)
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-
-
 def test_vmapped_m1_on_a_conv1d_network_equals_the_loop():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(1, 4, 5, padding=2), nn.ReLU(), nn.Conv1d(4, 4, 3, stride=2), nn.ReLU(),

@@ -113,6 +113,15 @@ def test_batched_passes_grow_while_they_cut_the_time_per_point_and_memory_allows
     runs.clear()
     grid(steps=(12, 12))
     assert [r for r in runs if r.startswith("batched")] == ["batched Q=2"] * 2 + ["batched Q=4"]
+    # passes far behind the fastest loop stop growing at Q = 4 even while they improve
+    monkeypatch.undo()
+    runs = fake_clock(monkeypatch, {"loop": 0.1, "loop, channels-last": 0.2, "batched Q=2": 1.0, "batched Q=4": 0.5})
+    grid(steps=(12, 12))
+    assert [r for r in runs if r.startswith("batched")] == ["batched Q=2"] * 2 + ["batched Q=4"]
+    monkeypatch.undo()
+    runs = fake_clock(monkeypatch, {"loop": 0.1, "batched Q=2": 1.0, "batched Q=4": 0.14, "batched Q=8": 0.05})
+    assert grid(steps=(12, 12)).meta["evaluation"]["points_per_pass"] == 8  # within 1.5x at Q = 4: grew on
+    assert "batched Q=16" in runs
 
 
 def test_explicit_choices_and_small_grids_are_not_timed(monkeypatch):
