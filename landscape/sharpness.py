@@ -93,9 +93,9 @@ ASCENTS = ("pgd", "apgd")
 NOISES = ("gaussian", "uniform")
 DEFAULT_MS = (1, 4, 16, 64, 256)
 
-# Examples (chunk size x chunks) in one vmapped call. On the CPU, m = 1 on the digits CNN ran fastest at 128
-# (one thread, three runs: 0.62-0.95 s at 128, 0.77-0.90 s at 32, 1.01-1.07 s at 512, 3.8-4.5 s looping;
-# benchmarks/RESULTS.md).
+# Examples (chunk size x chunks) in one vmapped call. On the CPU, m = 1 on the digits CNN cost 0.38-0.42 ms per
+# example from 32 to 128 per call and 0.55 at 256 (2 threads); 128 won two of three full runs against 32
+# (benchmarks/RESULTS.md, Sharpness).
 _EXAMPLES_PER_CALL = {"cpu": 128, "cuda": 1024}
 _PARAM_ELEMENTS_PER_CALL = 2**24  # stacked perturbation elements in one vmapped call (64 MiB in float32)
 _TINY = 1e-12
