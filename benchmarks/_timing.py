@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["synchronize", "time_steps"]
+__all__ = ["synchronize", "time_steps", "timed_rounds"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -16,22 +16,30 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(
-    make_step: dict[str, Callable[[], object]], device: torch.device, warmup: int, rounds: int
-) -> dict[str, list[float]]:
-    """Time every step once per round, rotating the order each round so that drift hits all alike."""
-    for step in make_step.values():
+def timed_rounds(
+    steps: dict[str, Callable[[], object]], device: torch.device, warmup: int, rounds: int
+) -> dict[str, dict[str, list[float]]]:
+    """Wall and process CPU seconds of every step once per round, rotating the order each round so that drift
+    hits all alike (the CPU time, of all threads, is what a busy shared machine inflates less)."""
+    for step in steps.values():
         for _ in range(warmup):
             step()
     synchronize(device)
-    names = list(make_step)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    names = list(steps)
+    times = {n: {"wall": [], "cpu": []} for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
+        for name in names[r % len(names):] + names[: r % len(names)]:
             synchronize(device)
-            start = time.perf_counter()
-            make_step[name]()
+            wall, cpu = time.perf_counter(), time.process_time()
+            steps[name]()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(time.process_time() - cpu)
     return times
+
+
+def time_steps(
+    make_step: dict[str, Callable[[], object]], device: torch.device, warmup: int, rounds: int
+) -> dict[str, list[float]]:
+    """Wall seconds of every step once per round (:func:`timed_rounds` without the CPU times)."""
+    return {name: t["wall"] for name, t in timed_rounds(make_step, device, warmup, rounds).items()}

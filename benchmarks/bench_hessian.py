@@ -86,7 +86,7 @@ from torch import nn
 from landscape.lanczos import top_eigenpairs
 from landscape.objective import HessianOperator, Objective
 from _cached_run import add_run_arguments, trained_run
-from _timing import synchronize
+from _timing import synchronize, timed_rounds
 
 FULL_TOLS = [1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5]
 QUICK_TOLS = [1e-1, 1e-2, 1e-3, 1e-4]
@@ -272,27 +272,6 @@ def best_of(attempts: list[Attempt]) -> Attempt | None:
 # --------------------------------------------------------------------------- #
 # HVP cost
 # --------------------------------------------------------------------------- #
-def timed_rounds(steps: dict[str, Callable[[], object]], device: torch.device, warmup: int,
-                 rounds: int) -> dict[str, dict[str, list[float]]]:
-    """Wall and process CPU seconds of every step once per round, the order rotating each round (as
-    ``_timing.time_steps``; the CPU time, of all threads, is what a busy shared machine inflates less)."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    synchronize(device)
-    names = list(steps)
-    times = {n: {"wall": [], "cpu": []} for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            synchronize(device)
-            wall, cpu = time.perf_counter(), time.process_time()
-            steps[name]()
-            synchronize(device)
-            times[name]["wall"].append(time.perf_counter() - wall)
-            times[name]["cpu"].append(time.process_time() - cpu)
-    return times
-
-
 def bench_hvp(args: argparse.Namespace, model: nn.Module, loss_fn: Callable, criterion: nn.Module, X: torch.Tensor,
               y: torch.Tensor, batch_size: int, counter: PyHessianCounter | None) -> dict:
     """One full-dataset product of every method against one full-dataset gradient over the same batches."""

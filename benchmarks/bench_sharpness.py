@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from _cached_run import add_run_arguments, trained_run
-from _timing import synchronize
+from _timing import timed_rounds
 from landscape.sharpness import _examples_per_call, _partition, m_sharpness, sharpness_objective
 
 RHO = 0.05
@@ -67,26 +67,6 @@ def autograd_loop(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, m: i
                 p.sub_(e)
         total += float(perturbed - loss.detach())
     return total / chunks.shape[0]
-
-
-def timed_rounds(steps: dict[str, Callable[[], object]], device: torch.device, warmup: int,
-                 rounds: int) -> dict[str, dict[str, list[float]]]:
-    """Wall and process CPU seconds of every step once per round, the order rotating each round."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    synchronize(device)
-    names = list(steps)
-    times = {n: {"wall": [], "cpu": []} for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            synchronize(device)
-            wall, cpu = time.perf_counter(), time.process_time()
-            steps[name]()
-            synchronize(device)
-            times[name]["wall"].append(time.perf_counter() - wall)
-            times[name]["cpu"].append(time.process_time() - cpu)
-    return times
 
 
 def bench_m(args: argparse.Namespace, objective, model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor,
