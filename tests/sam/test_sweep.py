@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 from landscape import hessian
@@ -36,13 +35,7 @@ def _quiet(message: str) -> None:
     pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The digits CNN is as fast on one thread, and far faster when other jobs share a small CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ from sam.trainer import TrainConfig, build_optimizer, load_run, train
 TINY = dict(epochs=1, batch_size=256, test_fraction=0.5)  # digits: 4 steps an epoch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pretend_cuda(monkeypatch, bf16: bool = True):
