@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -378,6 +379,13 @@ def label_noise(rows: Sequence[Mapping[str, Any]], *, width: float = ONE_COLUMN)
     return fig
 
 
+def _reduction_order(row: Mapping[str, Any]) -> tuple[float, str]:
+    """Sort key of an error-reduction row: by ``reduction``, NaN (a baseline without errors) last, then by
+    ``setting``. A NaN key left to ``sorted`` scrambles the order around it."""
+    reduction = float(row["reduction"])
+    return (math.inf if math.isnan(reduction) else reduction, str(row["setting"]))
+
+
 def error_reduction(rows: Sequence[Mapping[str, Any]], *, width: float = ONE_COLUMN) -> Figure:
     """SAM's relative test-error reduction over SGD, one bar per setting, sorted (Foret et al. 2021, Fig. 1 left).
 
@@ -386,7 +394,7 @@ def error_reduction(rows: Sequence[Mapping[str, Any]], *, width: float = ONE_COL
     """
     if not rows:
         raise ValueError("pass at least one error-reduction row ({'setting', 'reduction', 'reduction_spread'})")
-    ordered = sorted(rows, key=lambda r: r["reduction"])
+    ordered = sorted(rows, key=_reduction_order)
     values = np.array([100 * r["reduction"] for r in ordered], dtype=np.float64)
     spreads = np.array([100 * (r.get("reduction_spread") or 0.0) for r in ordered], dtype=np.float64)
     with paper_style():

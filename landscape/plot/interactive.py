@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from .figures import PALETTE, _check_2d, _shared_zmax, surface_z, trajectory_in_plane
+from .figures import PALETTE, _check_2d, _reduction_order, _shared_zmax, surface_z, trajectory_in_plane
 
 __all__ = [
     "surface_3d",
@@ -202,7 +202,7 @@ def error_reduction(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
     """SAM's relative test-error reduction over SGD per setting, sorted, with the spread over seeds."""
     if not rows:
         raise ValueError("pass at least one error-reduction row ({'setting', 'reduction', 'reduction_spread'})")
-    ordered = sorted(rows, key=lambda r: r["reduction"])
+    ordered = sorted(rows, key=_reduction_order)
     values = [100 * r["reduction"] for r in ordered]
     fig = go.Figure(go.Bar(
         x=values, y=[r["setting"] for r in ordered], orientation="h", name="SAM vs SGD",

@@ -249,6 +249,17 @@ def test_error_reduction_bars_are_sorted_with_their_seed_spread():
     assert list(fig.data[0].error_x.array) == pytest.approx([1.0, 3.0, 5.0])
 
 
+def test_error_reduction_puts_a_setting_without_baseline_errors_last():
+    """A NaN reduction (the baseline made no error) goes last, the others stay sorted around it."""
+    rows = [{"setting": "a", "reduction": 0.3, "reduction_spread": 0.0},
+            {"setting": "b", "reduction": float("nan"), "reduction_spread": 0.0},
+            {"setting": "c", "reduction": -0.2, "reduction_spread": 0.0},
+            {"setting": "d", "reduction": 0.1, "reduction_spread": 0.0}]
+    ax = figures.error_reduction(rows).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["c", "d", "a", "b"]
+    assert list(interactive.error_reduction(rows).data[0].y) == ["c", "d", "a", "b"]
+
+
 def test_error_vs_rho_draws_a_line_and_band_per_m_and_the_baseline():
     ax = figures.error_vs_rho(RHO_LINES, RHO_BASE).axes[0]
     lines = {l.get_label(): l for l in ax.get_lines()}
