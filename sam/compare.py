@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -47,7 +46,7 @@ from landscape.storage import (
 
 from .analyses import HessianSettings, Inputs, SurfaceSettings, hessian_analysis, sharpness_analysis, surface_analysis
 from .figure_data import error_reduction_table, error_vs_rho_table, load_sweep, snapshot_epochs, spectrum_evolution
-from .labels import effective_rho, run_label, run_labels, spread
+from .labels import directory_name, effective_rho, run_label, run_labels, spread
 from .trainer import TrainConfig, checkpoint_sha256, load_run_config, resolve_device, train
 
 __all__ = ["CompareConfig", "CompareResult", "compare", "demo", "load_hessian", "load_metrics", "load_noise_table",
@@ -209,11 +208,6 @@ def summary_rows(labels: Sequence[str], hessians: Sequence[dict], sharpness: Seq
     return rows
 
 
-def _directory_name(label: str) -> str:
-    """A label as a folder name: ``"SAM rho=0.05"`` -> ``"sam-rho0.05"``."""
-    return re.sub(r"[^a-z0-9.+_-]+", "-", label.lower().replace("=", "")).strip("-") or "run"
-
-
 def seed_summary(label: str, config: TrainConfig, runs: Sequence[Path], test_accuracies: Sequence[float],
                  lambda_maxes: Sequence[float]) -> dict[str, Any]:
     """One entry of ``summary.json``: a side of the comparison over its seeds.
@@ -326,7 +320,7 @@ def compare(
         raise ValueError(f"compare needs two different runs; got {runs[0]} twice")
     configs = [load_run_config(run) for run in runs]
     labels = run_labels(runs, configs) if labels is None else tuple(labels)
-    dirs = [out / "analyses" / _directory_name(label) for label in labels]
+    dirs = [out / "analyses" / directory_name(label) for label in labels]
     if labels[0].lower() == labels[1].lower() or dirs[0] == dirs[1]:
         raise ValueError(f"the two labels must differ (ignoring case: they name directories); got {labels}")
     # what is only read at the end is read and checked before hours of analyses
@@ -335,8 +329,9 @@ def compare(
     _check_chunk_sizes(config, runs)
     table = _read_kendall(Path(study_dir)) if study_dir is not None else None
     noise_rows = load_noise_table(noise_study) if noise_study is not None else None
-    reductions = error_reduction_table(sweep_dir) if sweep_dir is not None else None
-    rho_lines = _error_vs_rho_if_swept(sweep_dir)
+    sweep = load_sweep(sweep_dir) if sweep_dir is not None else None
+    reductions = error_reduction_table(sweep_dir, loaded=sweep) if sweep is not None else None
+    rho_lines = error_vs_rho_table(sweep_dir, loaded=sweep) if sweep is not None and "rho" in sweep[0] else None
     if spectrum:
         for run in runs:
             if len(snapshot_epochs(run)) < 2:
@@ -496,13 +491,6 @@ def _plan(config: CompareConfig) -> _Plan:
         interpolation=SurfaceSettings(steps=config.interpolation_steps, span=(-0.5, 1.5), seed=config.seed),
         measures=MeasureSettings(measures=("m_sharpness",), ms=tuple(config.ms), rho=config.rho, seed=config.seed),
     )
-
-
-def _error_vs_rho_if_swept(sweep_dir: str | Path | None) -> dict[str, list[dict[str, Any]]] | None:
-    """The error-vs-rho lines of a sweep whose grid has rho; ``None`` without a sweep or rho."""
-    if sweep_dir is None or "rho" not in load_sweep(sweep_dir)[0]:
-        return None
-    return error_vs_rho_table(sweep_dir)
 
 
 def _check_chunk_sizes(config: CompareConfig, runs: Sequence[Path]) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 from landscape.storage import CorruptFileError, read_json
 
 from .analyses import HessianSettings, Inputs, hessian_analysis
-from .labels import display_name, effective_m, effective_rho, run_label, spread
+from .labels import directory_name, display_name, effective_m, effective_rho, run_label, spread
 from .optim import BASE_OPTIMIZERS
 from .trainer import TrainConfig, final_metrics, load_run_config
 
@@ -123,7 +123,8 @@ def _sam_optimizers(runs: Sequence[SweepRun]) -> list[str]:
     return list(dict.fromkeys(r.config.optimizer for r in runs if not r.is_baseline))
 
 
-def error_reduction_table(sweep_dir: str | Path) -> list[dict[str, Any]]:
+def error_reduction_table(sweep_dir: str | Path, *, loaded: tuple[list[str], list[SweepRun]] | None = None
+                          ) -> list[dict[str, Any]]:
     """SAM's relative test-error reduction over SGD for every setting of a sweep (Foret et al. 2021, Fig. 1 left).
 
     A setting is a SAM variant's runs with the same values of every grid key but ``seed``. Its baseline
@@ -131,6 +132,8 @@ def error_reduction_table(sweep_dir: str | Path) -> list[dict[str, Any]]:
     grid key but ``optimizer`` and ``seed``. With ``e`` the test error of a seed's last epoch, the seed's
     reduction is ``r_s = (e_base - e_SAM) / e_base`` (NaN where the baseline makes no error), and the
     row holds their mean and sample standard deviation over the seeds both sides ran.
+
+    ``loaded``: what :func:`load_sweep` returned for ``sweep_dir``, when the caller has read it already.
 
     Returns:
         Rows sorted by ``reduction``, each with ``setting`` (its grid values but the seed), ``optimizer``,
@@ -142,7 +145,7 @@ def error_reduction_table(sweep_dir: str | Path) -> list[dict[str, Any]]:
         ValueError: the sweep holds no SAM run, or no SAM setting has a baseline run with a seed in common
             (the message says which grid to add).
     """
-    keys, runs = load_sweep(sweep_dir)
+    keys, runs = load_sweep(sweep_dir) if loaded is None else loaded
     varying = [k for k in keys if k not in _NOT_A_SETTING]
     shown = [k for k in varying if k != "optimizer" or len(_sam_optimizers(runs)) > 1]
     matched_on = [k for k in varying if k != "optimizer"]
@@ -179,7 +182,8 @@ def error_reduction_table(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return sorted(table, key=lambda row: (np.nan_to_num(row["reduction"], nan=np.inf), row["setting"]))
 
 
-def error_vs_rho_table(sweep_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
+def error_vs_rho_table(sweep_dir: str | Path, *, loaded: tuple[list[str], list[SweepRun]] | None = None
+                       ) -> dict[str, list[dict[str, Any]]]:
     """Test error against rho, one line per m (and per value of the other grid keys), from a sweep over rho
     (Foret et al. 2021, Fig. 3 middle).
 
@@ -187,6 +191,8 @@ def error_vs_rho_table(sweep_dir: str | Path) -> dict[str, list[dict[str, Any]]]
     batch). Each point is the mean test error over the seeds of one rho, with its sample standard
     deviation; the base optimizer's runs (rho does not apply) are baselines, one per value of the other
     grid keys, each seed counted once.
+
+    ``loaded``: what :func:`load_sweep` returned for ``sweep_dir``, when the caller has read it already.
 
     Returns:
         ``{"lines": [{"label", "m", "optimizer", "rho", "error", "spread", "seeds", "settings"}, ...],
@@ -196,7 +202,7 @@ def error_vs_rho_table(sweep_dir: str | Path) -> dict[str, list[dict[str, Any]]]
     Raises:
         ValueError: the sweep's grid has no ``rho``, or no SAM run.
     """
-    keys, runs = load_sweep(sweep_dir)
+    keys, runs = load_sweep(sweep_dir) if loaded is None else loaded
     if "rho" not in keys:
         raise ValueError(f"{sweep_dir} is not a sweep over rho: its grid keys are {keys}; sweep --grid rho=0.02,0.05,0.1,...")
     others = [k for k in keys if k not in (*_NOT_A_SETTING, "rho", "m", "optimizer")]
@@ -270,10 +276,6 @@ def _choose_epochs(available: Sequence[int], epochs: Sequence[int] | None, count
     return [available[i] for i in index]
 
 
-def _directory_name(label: str) -> str:
-    return re.sub(r"[^a-z0-9.+_-]+", "-", label.lower().replace("=", "")).strip("-") or "run"
-
-
 def spectrum_evolution(
     runs: Sequence[str | Path],
     out_dir: str | Path,
@@ -321,7 +323,7 @@ def spectrum_evolution(
         raise ValueError("spectrum-evolution needs at least one run directory")
     configs = [load_run_config(run) for run in paths]
     labels = [_unique_label(p, c, configs) for p, c in zip(paths, configs)] if labels is None else list(labels)
-    if len(labels) != len(paths) or len({_directory_name(label) for label in labels}) != len(labels):
+    if len(labels) != len(paths) or len({directory_name(label) for label in labels}) != len(labels):
         raise ValueError(f"give one distinct label per run (they name directories); got {labels} for {len(paths)} runs")
     chosen = []
     for run in paths:  # every run checked before the first analysis
@@ -336,7 +338,7 @@ def spectrum_evolution(
         for epoch, checkpoint in picked:
             log(f"{label}: Hessian spectrum at epoch {epoch}")
             saved = hessian_analysis(checkpoint, settings, dataclasses.replace(inputs, split="train"),
-                                     Path(out_dir) / _directory_name(label) / f"epoch_{epoch:04d}",
+                                     Path(out_dir) / directory_name(label) / f"epoch_{epoch:04d}",
                                      resume=not overwrite, overwrite=overwrite, progress=progress)
             entry = {"epoch": epoch, "checkpoint": str(checkpoint), "lambda_max": float(saved.scalars["lambda_max"]),
                      "eigenvalues": np.asarray(saved.arrays["eigenvalues"], dtype=np.float64)}

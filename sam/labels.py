@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,9 +11,14 @@ import numpy as np
 from .optim import BASE_OPTIMIZERS, wrapper_arguments, wrapper_defaults
 from .trainer import TrainConfig
 
-__all__ = ["display_name", "effective_rho", "effective_m", "run_label", "run_labels", "spread"]
+__all__ = ["directory_name", "display_name", "effective_rho", "effective_m", "run_label", "run_labels", "spread"]
 
 _DISPLAY_NAMES = {"msam": "m-SAM", "multistep_sam": "multi-step SAM", "every_k_sam": "every-k SAM"}
+
+
+def directory_name(label: str) -> str:
+    """A label as a folder name: ``"SAM rho=0.05"`` -> ``"sam-rho0.05"``."""
+    return re.sub(r"[^a-z0-9.+_-]+", "-", label.lower().replace("=", "")).strip("-") or "run"
 
 
 def display_name(optimizer: str) -> str:
