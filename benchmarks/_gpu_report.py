@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from landscape.storage import atomic_write_text
 
 BEGIN, END = "<!-- gpu.sh begin -->", "<!-- gpu.sh end -->"
 PARTS = ("sam_step", "surface", "hessian", "sharpness")
@@ -110,10 +110,7 @@ def replace_section(results: Path, text: str) -> None:
         new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END) + 1:]
     else:
         new = old.rstrip("\n") + "\n\n" + text
-    handle, temporary = tempfile.mkstemp(dir=results.parent, prefix=f".{results.name}.")
-    with os.fdopen(handle, "w") as file:
-        file.write(new)
-    os.replace(temporary, results)
+    atomic_write_text(results, new)
 
 
 def main(argv: list[str] | None = None) -> int:
