@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .objective import _synchronize
+
 __all__ = ["LOOP", "LOOP_POINTS", "TIMED_FROM", "ZONE_SHARE", "Method", "Plan", "time_first_points", "timed"]
 
 LOOP_POINTS = 5  # per loop candidate: one warm-up point, then four timed
@@ -120,21 +122,15 @@ class Plan:
         return plan if method.points_per_pass >= 1 and plan.points_per_save >= 1 else None
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (a no-op on the CPU), so that wall-clock times are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(method: Method, run: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     """``run()`` and its wall-clock seconds, synchronised with ``device``.
 
     The one clock of the timing: tests replace it to force a choice.
     """
-    synchronize(device)
+    _synchronize(device)
     start = time.perf_counter()
     out = run()
-    synchronize(device)
+    _synchronize(device)
     return out, time.perf_counter() - start
 
 
@@ -173,7 +169,6 @@ def time_first_points(
     todo: np.ndarray,
     grid_size: int,
     loops: Sequence[Method],
-    try_batched: bool,
     evaluate: Callable[[Method, np.ndarray, bool], tuple[np.ndarray, np.ndarray]],
     commit: Callable[[np.ndarray, np.ndarray, np.ndarray], None],
     device: torch.device,
@@ -187,7 +182,6 @@ def time_first_points(
         todo: the grid indices to evaluate, in order; the candidates take them from the front.
         grid_size: the grid's number of points (a batched pass takes at most 1/:data:`ZONE_SHARE` of it).
         loops: the loop methods to time, first to last (the first is required: its failure is raised).
-        try_batched: time batched passes too (required when ``loops`` is empty).
         evaluate: ``(method, index, tolerate) -> (loss, accuracy)`` at ``todo``'s indices ``index``;
             with ``tolerate``, a failure of the method raises one of :data:`TOLERATED` on every process.
         commit: stores the values of evaluated indices (and saves the grid).
@@ -203,8 +197,7 @@ def time_first_points(
     timing = _Timing(todo, evaluate, commit, device, replicas, cpu_cap, share)
     for position, method in enumerate(loops):
         timing.loop(method, tolerate=position > 0)
-    if try_batched:
-        timing.batched(grid_size, tolerate=bool(loops))
+    timing.batched(grid_size, tolerate=bool(loops))
     return timing.plan(loops[0] if loops else Method(2)), timing.used
 
 

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
 from . import distributed as _distributed
-from .batches import BatchProtocol, Forward, LossFn, Weight, batch_size, fingerprint, map_tensors, tensors_of
+from .batches import BatchProtocol, Forward, LossFn, Weight, batch_size, fingerprint, map_tensors, nbytes, tensors_of
 from .data import BatchSource
 from .linop import LinearOperator
 
@@ -611,7 +611,7 @@ class Objective:
         graph = self._product("graph", batch, v, saved)
         graph_bytes = None
         if graph is not None:
-            gradient = sum(t.numel() * t.element_size() for t in self.params.values())
+            gradient = nbytes(self.params)
             graph_bytes = int(saved.total / max(n_probe, 1) * self.n_local) + gradient
             if graph_bytes <= budget:
                 seconds["graph"] = _product_seconds("graph", graph, self.device)

@@ -549,7 +549,7 @@ def _worst_case(
             except (RuntimeError, NotImplementedError) as error:
                 if vmap_works:  # it worked on an earlier group: a real error
                     raise
-                vmap_works = False
+                vmap_works, buffer = False, {}  # the loop needs no stack
                 _warn_once(f"{type(objective.model).__name__} cannot be vmapped over chunks of examples "
                            f"({_first_sentence(error)}); its chunks are evaluated one at a time")
         if result is None:

@@ -59,7 +59,7 @@ from . import _surface_plan as _plan
 from . import distributed as _distributed
 from ._checks import check_int
 from .directions import _check_same_layout, difference, random_direction, random_plane
-from .batches import batch_size, take, tensors_of
+from .batches import batch_size, nbytes, take, tensors_of
 from .objective import Data, LossFn, Objective, Params, _training_flags, _upcast, evaluation_objective
 from .progress import progress_bar
 from .storage import CorruptFileError, atomic_write, atomic_write_json, differing_keys, read_json
@@ -443,8 +443,8 @@ def _compute_surface(
     if plan is None and todo.size:
         share = _distributed.broadcast_object if distributed else (lambda value: value)
         plan, used = _plan.time_first_points(
-            todo, points.shape[0], _plan.loop_candidates(batched, _has_4d(objective)), batched is not False, evaluate,
-            commit, objective.device, replicas, _plan.cpu_points_per_pass_cap(_bytes(objective.params)), share)
+            todo, points.shape[0], _plan.loop_candidates(batched, _has_4d(objective)), evaluate, commit,
+            objective.device, replicas, _plan.cpu_points_per_pass_cap(nbytes(objective.params)), share)
         todo, record = todo[used:], plan.record()
     if plan is not None:
         for start in range(0, todo.size, plan.points_per_save):
@@ -503,10 +503,6 @@ def _given_plan(
 def _has_4d(objective: Objective) -> bool:
     """Whether the channels-last loop is worth timing: some parameter is a 4-D (convolution) kernel."""
     return any(t.ndim == 4 for t in (*objective.params.values(), *objective.fixed.values()))
-
-
-def _bytes(tensors: Params) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _evaluate_passes(
@@ -637,14 +633,10 @@ def _auto_points_per_pass(objective: Objective, directions: list[Params], autoca
     """How many grid points fit in one vmapped pass, for a grid too small to time (on a larger one the
     timed passes measure their own memory: :mod:`landscape._surface_plan`).
 
-    On a GPU: the peak memory of a two-point pass over the first batch, measured, against half the free
-    memory, capped at 256. On the CPU: 1, the plain loop. There a forward pass is compute-bound and every
-    point needs its own convolutions; in ``benchmarks/bench_surface.py`` (digits CNN, three 21 x 21 runs)
-    vmapped blocks ran at 0.58-1.17x the loop's speed, 0.75-0.80x in the latest.
+    A GPU's (the only caller's): the peak memory of a two-point pass over the first batch, measured, against
+    half the free memory, capped at 256.
     """
     device = objective.device
-    if device.type != "cuda":
-        return 1
     batch = objective.source.first()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
