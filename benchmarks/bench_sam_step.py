@@ -37,6 +37,7 @@ from _timing import time_steps
 from sam.models import build_model
 from sam.optim import create
 from sam.step import train_step
+from sam.trainer import optimizer_update_kwargs
 
 
 class LoopSAM:
@@ -108,7 +109,7 @@ def bench_full_step(args: argparse.Namespace, device: torch.device) -> list[dict
     cuda = device.type == "cuda"
     autocast_dtype = torch.bfloat16 if cuda else None
     memory_format = torch.channels_last if cuda else torch.contiguous_format
-    update = {"fused": True} if cuda else {"foreach": True}  # the trainer's choice (sam.trainer.build_optimizer)
+    update = optimizer_update_kwargs(device)  # the trainer's choice
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (args.batch_size,), device=device)

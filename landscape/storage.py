@@ -61,6 +61,7 @@ __all__ = [
     "read_jsonl",
     "load_weights",
     "differing_keys",
+    "file_sha256",
 ]
 
 
@@ -142,6 +143,15 @@ def _locked_temporary(path: Path) -> tuple[int, str]:
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` that never leaves a partial file at ``path``."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB chunks (a large checkpoint is never held whole)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

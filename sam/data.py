@@ -361,7 +361,7 @@ def _load_digits(*, split_seed: int, test_fraction: float) -> tuple[Split, Split
     std = float(x_train.std())
     info = DatasetInfo(
         name="digits",
-        num_classes=10,
+        num_classes=NUM_CLASSES["digits"],
         in_channels=1,
         image_size=int(images.shape[-1]),
         mean=(mean,),
@@ -445,7 +445,7 @@ def _load_mnist1d(root: Path | None) -> tuple[Split, Split, DatasetInfo]:
                 warnings.warn(f"MNIST-1D not cached in {cache.parent} ({error}); it is generated on every load",
                               stacklevel=2)
     length = int(arrays["x"].shape[-1])
-    info = DatasetInfo(name="mnist1d", num_classes=10, in_channels=1, image_size=length, mean=(0.0,), std=(1.0,))
+    info = DatasetInfo(name="mnist1d", num_classes=NUM_CLASSES["mnist1d"], in_channels=1, image_size=length, mean=(0.0,), std=(1.0,))
     train = Split(torch.from_numpy(arrays["x"][:, None, :].copy()), torch.from_numpy(arrays["y"].copy()))
     test = Split(torch.from_numpy(arrays["x_test"][:, None, :].copy()), torch.from_numpy(arrays["y_test"].copy()))
     return train, test, info
@@ -469,7 +469,7 @@ _CIFAR_LAYOUTS: dict[str, _CifarLayout] = {
         train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
         test_files=("test_batch",),
         label_key=b"labels",
-        num_classes=10,
+        num_classes=NUM_CLASSES["cifar10"],
         mean=CIFAR10_MEAN,
         std=CIFAR10_STD,
         torchvision_class="CIFAR10",
@@ -479,7 +479,7 @@ _CIFAR_LAYOUTS: dict[str, _CifarLayout] = {
         train_files=("train",),
         test_files=("test",),
         label_key=b"fine_labels",
-        num_classes=100,
+        num_classes=NUM_CLASSES["cifar100"],
         mean=CIFAR100_MEAN,
         std=CIFAR100_STD,
         torchvision_class="CIFAR100",

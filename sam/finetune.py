@@ -27,7 +27,6 @@ and never reads the init again; it is refused when the init file now holds other
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-from landscape.storage import CorruptFileError, load_weights
+from landscape.storage import CorruptFileError, file_sha256, load_weights
 
 from .models import TIMM_PREFIX, head_keys, import_timm, timm_model
 
@@ -88,14 +87,6 @@ def timm_init_name(init_from: str | None) -> str | None:
     if isinstance(init_from, str) and init_from.startswith(TIMM_PREFIX):
         return init_from.removeprefix(TIMM_PREFIX)
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -199,7 +190,7 @@ def load_init(model: nn.Module, init_from: str, *, reset_head: bool, model_name:
     head = model_head if reset_head else set()
     _check_fit(model.state_dict(), state, head, model_head, file, _describe_model(model_name, init_from))
     model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=not head)
-    return InitRecord(str(init_from), os.path.abspath(file), _sha256(file), tuple(sorted(head)))
+    return InitRecord(str(init_from), os.path.abspath(file), file_sha256(file), tuple(sorted(head)))
 
 
 def _describe_model(model_name: str, init_from: str) -> str:
@@ -340,7 +331,7 @@ def pretrained_timm(name: str, *, num_classes: int, in_channels: int, image_size
     if reset_head:
         model.reset_classifier(num_classes)
         head = tuple(sorted(head_keys(model)))
-    return model, InitRecord(TIMM_PREFIX + name, os.path.abspath(file), _sha256(file), head)
+    return model, InitRecord(TIMM_PREFIX + name, os.path.abspath(file), file_sha256(file), head)
 
 
 # ------------------------------------------------------------------------------------------- resume
@@ -361,7 +352,7 @@ def check_init_unchanged(saved: Any, run_dir: Path) -> None:
     file, digest = saved.get("file"), saved.get("sha256")
     if not isinstance(file, str) or not isinstance(digest, str) or not Path(file).is_file():
         return
-    now = _sha256(Path(file))
+    now = file_sha256(Path(file))
     if now != digest:
         raise ValueError(f"cannot resume {run_dir}: its init file {file} changed since the run started (SHA-256 "
                          f"{digest[:12]}..., now {now[:12]}...), so its config no longer says where it started; "

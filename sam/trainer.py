@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import platform
@@ -48,6 +47,7 @@ from landscape.storage import (
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
+    file_sha256,
     load_weights,
     read_json,
     read_jsonl,
@@ -320,10 +320,16 @@ def build_optimizer(config: TrainConfig, params: Any, device: torch.device | Non
     return create(name, params, base=config.base_optimizer, **base_kwargs, **wrapper_kwargs)
 
 
+def optimizer_update_kwargs(device: torch.device) -> dict[str, bool]:
+    """How the base optimizer updates the parameters on ``device``: one fused kernel on CUDA, the
+    multi-tensor ``foreach`` path elsewhere."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
 def _base_kwargs(base: str, config: TrainConfig, device: torch.device | None = None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
     if device is not None:
-        kwargs["fused" if device.type == "cuda" else "foreach"] = True
+        kwargs.update(optimizer_update_kwargs(device))
     if base == "sgd":
         kwargs.update(momentum=config.momentum, nesterov=config.nesterov)
     return kwargs
@@ -985,4 +991,4 @@ def _load_state_dict(model: nn.Module, state: Any, checkpoint: Path, name: str) 
 
 def checkpoint_sha256(checkpoint: str | Path) -> str:
     """The SHA-256 of a weights file: what analyses record to tie their results to a checkpoint."""
-    return hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+    return file_sha256(checkpoint)

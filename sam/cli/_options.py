@@ -264,6 +264,7 @@ def add_train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | Non
     """One flag per :class:`TrainConfig` field (but ``exclude``), with ``defaults``' values as defaults."""
     defaults = TrainConfig() if defaults is None else defaults
     parser.set_defaults(explicit=frozenset())
+    device_decided = TrainConfig(device=defaults.device)  # what the device-dependent fields resolve to
     for f in dataclasses.fields(TrainConfig):
         if f.name in exclude:
             continue
@@ -271,7 +272,7 @@ def add_train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig | Non
         default = getattr(defaults, f.name)
         if f.name == "model" and default == DEFAULT_MODELS[defaults.dataset]:
             default = None  # the dataset's own, resolved by TrainConfig once --dataset is known
-        if f.name in _DEVICE_DEFAULTS and default == getattr(TrainConfig(device=defaults.device), f.name):
+        if f.name in _DEVICE_DEFAULTS and default == getattr(device_decided, f.name):
             default = _DEVICE_DEFAULTS[f.name]  # decided by TrainConfig once --device is known
         kwargs: dict[str, Any] = {"dest": f.name, "help": _TRAIN_HELP[f.name], "default": default,
                                   "action": _StoreExplicit}
