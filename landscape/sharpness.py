@@ -31,8 +31,12 @@ over stacked perturbations (``m = 1`` gives per-example gradients), ``batched=Fa
 Python (the reference path). The vectorised ascent starts from the per-chunk gradients at ``w`` itself,
 vmapped over the chunks only (one plain batched forward, no stacked copy of the weights), takes its first
 step as one scaling of them per chunk, and writes the perturbed weights into one stack reused from call to
-call. A chunk's loss is the mean over its loss terms (its tokens, for a language
-model; :mod:`landscape.batches`); a chunk without any (every target ignored) is left out.
+call. For ``m = 1`` with one step (``p = 2``, ``c = 1``) neither stack is needed: per-layer rules
+(:mod:`landscape._layer_rules`; ghost norms, Li et al. 2022) give every example's gradient norm and its loss
+at its own SAM point from one batched forward and backward and one batched forward whose layers add each
+example's correction; models outside the rules use vmap (``settings["method"]`` says which ran). A chunk's
+loss is the mean over its loss terms (its tokens, for a language model; :mod:`landscape.batches`); a chunk
+without any (every target ignored) is left out.
 
 Models and data beyond ``(x, y)`` tensors: every function here also takes the keyword options of
 :class:`~landscape.objective.Objective` (``forward``, ``weight``, ``target``, ``params``, ``stream``,
@@ -63,6 +67,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value
 
+from . import _layer_rules
 from ._checks import check_int
 from .batches import batch_size, split_chunks, take
 from .lanczos import top_eigenpairs
@@ -97,7 +102,10 @@ DEFAULT_MS = (1, 4, 16, 64, 256)
 # example from 32 to 128 per call and 0.55 at 256 (2 threads); 128 won two of three full runs against 32
 # (benchmarks/RESULTS.md, Sharpness).
 _EXAMPLES_PER_CALL = {"cpu": 128, "cuda": 1024}
+# The per-layer rules at m = 1 take the same: 0.43-0.44 s for the whole set from 128 to 512 examples per call,
+# 0.49 s at 64 (2 threads, one process, medians of 8).
 _PARAM_ELEMENTS_PER_CALL = 2**24  # stacked perturbation elements in one vmapped call (64 MiB in float32)
+_LAYER_RULES_CPU_ELEMENTS = 2**25  # values the layer rules keep in one call on the CPU (128 MiB in float32)
 _TINY = 1e-12
 _APGD_MOMENTUM = 0.75  # Croce & Hein 2020, Sec. 3.2
 _APGD_SUCCESS_FRACTION = 0.75  # ibid., condition 1
@@ -141,7 +149,7 @@ class SharpnessCurve:
     results: list[SharpnessResult]
 
     def to_dict(self) -> dict[str, Any]:
-        per_m = ("m", "n_chunks", "n_examples_used", "chunks_per_call", "vectorised")
+        per_m = ("m", "n_chunks", "n_examples_used", "chunks_per_call", "vectorised", "method")
         settings = {k: v for k, v in self.results[0].settings.items() if k not in per_m}
         return {"measure": self.results[0].measure, "value": self.values, "std_error": self.std_errors, **settings,
                 **{k: [r.settings[k] for r in self.results] for k in per_m}}
@@ -183,9 +191,7 @@ def _first_step(grad: Params, alpha: float, rho: float, p: float, overwrite: boo
     ``overwrite``: scale ``grad``'s tensors in place (no new stack of the size of the parameters)."""
     if p == math.inf:
         return {k: (g.sign_() if overwrite else g.sign()).mul_(min(alpha, rho)) for k, g in grad.items()}
-    norm = _per_chunk_norm(grad, 2.0)
-    coefficient = alpha / norm.clamp_min(_TINY)
-    coefficient = coefficient * (rho / (coefficient * norm).clamp_min(_TINY)).clamp(max=1.0)
+    coefficient = _layer_rules.first_step_coefficient(_per_chunk_norm(grad, 2.0), alpha, rho)
     if overwrite:
         return {k: g.mul_(_broadcast(coefficient, g)) for k, g in grad.items()}
     return {k: g * _broadcast(coefficient, g) for k, g in grad.items()}
@@ -196,6 +202,19 @@ def _axpy(a: float | Tensor, x: Params, y: Params) -> Params:
     if isinstance(a, Tensor):
         return {k: y[k] + _broadcast(a, x[k]) * x[k] for k in y}
     return {k: y[k] + a * x[k] for k in y}
+
+
+def _unaliased(stack: Params) -> Params:
+    """``stack`` with no two tensors sharing memory, so that scaling one in place leaves the others alone.
+    vmapped gradients may be views of one another: in timm's ViT the gradient of ``cls_token`` is a slice of
+    that of ``pos_embed`` (both meet in ``cat([cls, x]) + pos_embed``)."""
+    seen: set[int] = set()
+    out = {}
+    for k, t in stack.items():
+        storage = t.untyped_storage().data_ptr()
+        out[k] = t.clone() if storage in seen else t
+        seen.add(storage)
+    return out
 
 
 def _where(mask: Tensor, a: Params, b: Params) -> Params:
@@ -338,6 +357,7 @@ def _vmapped_evaluators(objective: Objective, origin: Params, scale: Params | No
         return out
 
     def scaled(g: Params) -> Params:
+        g = _unaliased(g)  # both the scaling here and the ascent's first step write into them
         return g if scale is None else {k: t.mul_(scale[k]) for k, t in g.items()}
 
     def value_and_grad(u: Params) -> tuple[Tensor, Params]:
@@ -511,6 +531,7 @@ def _worst_case(
     examples_per_call: int | None,
     progress: bool,
     desc: str,
+    layer_rules: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Per-chunk ``(L_S(w), max_u L_S(w + c u))`` for a partition into chunks of ``m`` (``None``: one chunk,
     the whole dataset). Chunks without loss terms (every target ignored) are left out."""
@@ -521,13 +542,18 @@ def _worst_case(
         value_and_grad, value = _whole_data_evaluators(objective, origin, scale)
         base, best = ascend(value_and_grad, value, zeros, rho, p, steps, ascent, step_size)
         settings = {"m": n, "n_chunks": 1, "n_examples_used": n, "n_examples": n, "chunks_per_call": 1,
-                    "vectorised": False}
+                    "vectorised": False, "method": "full_batch"}
         return base.double().cpu().numpy(), best.double().cpu().numpy(), settings
     if m > n:
         raise ValueError(f"m must be at most the number of examples ({n}); got m={m}")
     chunk_loss = _chunk_loss_fn(objective, origin, scale)
     n_params = sum(t.numel() for t in origin.values())
     budget = _examples_per_call(objective.device, examples_per_call)
+    if layer_rules and m == 1 and batched and steps == 1 and ascent == "pgd" and p == 2.0 and scale is None:
+        ruled = _sam_step_by_layer_rules(objective, rho=rho, alpha=rho if step_size is None else step_size,
+                                         examples_per_call=budget, progress=progress, desc=desc)
+        if ruled is not None:
+            return ruled
     vectorised = batched and m <= budget
     group = _chunk_budget(m, n_params, budget) if vectorised else 1
     bases, bests = [], []
@@ -547,7 +573,7 @@ def _worst_case(
                 result = ascend(value_and_grad, value, zeros, rho, p, steps, ascent, step_size, start=start)
                 vmap_works = True
             except (RuntimeError, NotImplementedError) as error:
-                if vmap_works:  # it worked on an earlier group: a real error
+                if vmap_works or isinstance(error, torch.OutOfMemoryError):  # a real error, not the model's
                     raise
                 vmap_works, buffer = False, {}  # the loop needs no stack
                 _warn_once(f"{type(objective.model).__name__} cannot be vmapped over chunks of examples "
@@ -560,12 +586,84 @@ def _worst_case(
         bests.append(result[1])
         bar.update(count)
     bar.close()
-    # one transfer from the device at the end, not one per group
+    return _per_chunk_arrays(bases, bests, m=m, n_examples=n, chunks_per_call=group, vectorised=vectorised,
+                             method="vmap" if vmap_works else "loop")
+
+
+def _per_chunk_arrays(bases: list[Tensor], bests: list[Tensor], *, m: int, n_examples: int,
+                      **settings: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The groups' values as arrays, chunks without loss terms left out, and the settings that count them
+    (one transfer from the device at the end, not one per group)."""
     base, best = torch.cat(bases).double().cpu().numpy(), torch.cat(bests).double().cpu().numpy()
     has_terms = np.isfinite(base)
-    settings = {"m": m, "n_chunks": int(has_terms.sum()), "n_examples_used": int(base.size * m), "n_examples": n,
-                "chunks_per_call": group, "vectorised": vectorised}
-    return base[has_terms], best[has_terms], settings
+    counts = {"m": m, "n_chunks": int(has_terms.sum()), "n_examples_used": int(base.size * m), "n_examples": n_examples}
+    return base[has_terms], best[has_terms], {**counts, **settings}
+
+
+def _element_budget(device: torch.device, dtype: torch.dtype) -> int:
+    """Values the layer rules may keep in one call: ``2**25`` on the CPU, a quarter of the free memory on a GPU."""
+    if device.type != "cuda":
+        return _LAYER_RULES_CPU_ELEMENTS
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(_LAYER_RULES_CPU_ELEMENTS, free // 4 // (torch.finfo(dtype).bits // 8))
+
+
+def _sam_step_by_layer_rules(objective: Objective, *, rho: float, alpha: float, examples_per_call: int,
+                             progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
+    """One-step ``m = 1`` sharpness (``p = 2``, plain coordinates) by :mod:`landscape._layer_rules`: every
+    example's ``(l_i(w), l_i(w + eps_i))`` without per-example weights; ``None`` where the rules do not cover
+    the model (vmap then).
+
+    The rules see modules, not how the model uses their parameters elsewhere (a weight read outside its
+    module's ``forward``), so the first call's first two examples are checked against the loop (the reference
+    path, ``batched=False``); where they disagree the rules are dropped with a warning."""
+    try:
+        rules = _layer_rules.layer_rules(objective, objective.source.first(), examples_per_call,
+                                         _element_budget(objective.device, objective.dtype))
+    except _layer_rules.Unsupported:
+        return None
+    bases, bests = [], []
+    bar = progress_bar(total=objective.n_examples, desc=desc, unit="chunk", enabled=progress, leave=False)
+    try:
+        for batch, count in _chunk_groups(objective, 1, rules.examples_per_call, seed=0):
+            try:
+                base, best = rules.sam_losses(batch, alpha, rho)
+            except (RuntimeError, NotImplementedError) as error:
+                if bases or isinstance(error, torch.OutOfMemoryError):  # they worked on an earlier call
+                    raise
+                _warn_once(f"{type(objective.model).__name__}: the per-layer rules failed ({_first_sentence(error)}); "
+                           "m = 1 sharpness uses vmap")
+                return None
+            if not bases and not _agrees_with_the_loop(objective, batch, base, best, rho=rho, alpha=alpha):
+                _warn_once(f"{type(objective.model).__name__}: the per-layer rules disagree with the loop over "
+                           "examples (a parameter used outside its module?); m = 1 sharpness uses vmap")
+                return None
+            bases.append(base)
+            bests.append(best)
+            bar.update(count)
+    except _layer_rules.Unsupported:
+        return None
+    finally:
+        bar.close()
+    return _per_chunk_arrays(bases, bests, m=1, n_examples=objective.n_examples,
+                             chunks_per_call=rules.examples_per_call, vectorised=True, method="layer_rules")
+
+
+def _agrees_with_the_loop(objective: Objective, batch: Any, base: Tensor, best: Tensor, *, rho: float,
+                          alpha: float, examples: int = 2) -> bool:
+    """Whether the first ``examples`` of ``batch`` give the loop's ``(l_i(w), l_i(w + eps_i))`` to within the
+    rounding of the objective's dtype (relative ``1e-3`` of the loss increase plus ``1e-5`` of the loss)."""
+    count = min(examples, batch_size(batch))
+    pieces = [take(batch, slice(i, i + 1)) for i in range(count)]
+    origin = objective.params
+    value_and_grad, value = _looped_evaluators(objective, _chunk_loss_fn(objective, origin, None), pieces, 1)
+    zeros = {k: torch.zeros((), dtype=w.dtype, device=w.device).expand((count,) + w.shape) for k, w in origin.items()}
+    ref_base, ref_best = ascend(value_and_grad, value, zeros, rho, 2.0, 1, "pgd", alpha)
+    got = torch.stack([base[:count], best[:count]]).double()
+    want = torch.stack([ref_base, ref_best]).double()
+    tolerance = 1e-3 * (want[1] - want[0]).abs() + 1e-5 * want.abs() + 1e-9
+    close = ((got - want).abs() <= tolerance) | (got.isnan() & want.isnan())
+    return bool(close.all())
 
 
 def _chunk_groups(objective: Objective, m: int, group: int, seed: int) -> Iterator[tuple[Any, int]]:
@@ -610,6 +708,7 @@ def m_sharpness(
     seed: int = 0,
     batched: bool = True,
     examples_per_call: int | None = None,
+    layer_rules: bool = True,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     batch_size: int | None = None,
@@ -637,8 +736,12 @@ def m_sharpness(
         seed: seed of the random partition into chunks.
         batched: vectorise over chunks with ``torch.vmap`` (``False``: a Python loop over chunks).
         examples_per_call: examples evaluated in one vmapped call (chunk size x chunks; default 128 on
-            the CPU, 1024 on a GPU); chunks larger than this are evaluated one at a time in sub-batches
-            of this size.
+            the CPU, 1024 on a GPU; the layer rules take fewer where what they keep would pass ``2**25``
+            values on the CPU, a quarter of the free memory on a GPU); chunks larger than this are evaluated
+            one at a time in sub-batches of this size.
+        layer_rules: for ``m = 1`` with one step, ``p = 2`` and ``adaptive=False`` (with ``batched``), compute
+            every example's SAM point by per-layer rules (:mod:`landscape._layer_rules`: no per-example
+            weights) where they cover the model; ``False``: vmap. ``settings["method"]`` says which ran.
         dtype, device, batch_size: passed to :class:`~landscape.objective.Objective`.
         progress: show a progress bar.
         objective: an objective built by :func:`sharpness_objective`, shared between calls.
@@ -660,6 +763,7 @@ def m_sharpness(
     bases, bests, info = _worst_case(
         objective, m=m, rho=rho, p=p, steps=steps, ascent=ascent, step_size=step_size, scale=scale, seed=seed,
         batched=batched, examples_per_call=examples_per_call, progress=progress, desc=f"sharpness m={m}",
+        layer_rules=layer_rules,
     )
     measure = "adaptive_worst" if adaptive else "m_sharpness"
     settings = {"rho": rho, "p": _p_name(p), "steps": steps, "ascent": ascent,

@@ -45,7 +45,7 @@ def test_the_section_says_which_goals_are_met(tmp_path):
     assert "| surface, plain loop / best batched time (GPU) | 6.5 | >= 5 | yes |" in text
     assert "| surface, plain loop / default time | 5.9 | >= 0.952 | yes |" in text
     assert "| surface, loss-landscapes / default time | - | >= 1 | n/a |" in text
-    assert "| m = 1 sharpness, loop / vmapped time | 12 | >= 10 | yes |" in text
+    assert "| m = 1 sharpness, loop / default time | 12 | >= 10 | yes |" in text
     assert "```text\nhessian table\n```" in text
 
 

@@ -539,6 +539,61 @@ def test_vmapped_m1_on_a_conv1d_network_equals_the_loop():
         np.testing.assert_allclose(batched.per_chunk, looped.per_chunk, rtol=1e-10, atol=1e-14)
 
 
+class ClassToken(nn.Module):
+    """timm's ViT in small: a class token and a position embedding meet in ``cat([cls, x]) + pos``, so that
+    vmap returns the class token's gradient as a slice of the position embedding's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.pos = nn.Parameter(torch.randn(1, 3, 4))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.fc(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_vmapped_gradients_sharing_memory_are_scaled_once(adaptive):
+    g = torch.Generator().manual_seed(2)
+    data = (torch.randn(6, 2, 4, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g))
+    objective = sharpness.sharpness_objective(ClassToken(), F.cross_entropy, data, dtype=F64)
+    at_origin = torch.vmap(torch.func.grad(objective.batch_loss), in_dims=(None, 0))
+    grads = at_origin(objective.params, (data[0][:, None], data[1][:, None]))
+    assert grads["cls"].untyped_storage().data_ptr() == grads["pos"].untyped_storage().data_ptr()  # the hazard
+    kwargs = dict(m=1, rho=0.1, adaptive=adaptive, objective=objective, progress=False)
+    batched = sharpness.m_sharpness(None, None, None, **kwargs)
+    looped = sharpness.m_sharpness(None, None, None, batched=False, **kwargs)
+    assert batched.settings["method"] == "vmap"
+    np.testing.assert_allclose(batched.per_chunk, looped.per_chunk, rtol=1e-10, atol=1e-15)
+
+
+class OutOfMemoryUnderVmap(nn.Module):
+    """Runs out of memory when vmapped (as a large model on a GPU may), and works one chunk at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.tensor(1.0))  # outside the per-layer rules: m = 1 goes to vmap too
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch._C._functorch.is_batchedtensor(x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self.fc(x) * self.scale
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_running_out_of_memory_under_vmap_is_raised_not_turned_into_the_loop(m):
+    data = (torch.randn(8, 4, dtype=F64), torch.randint(0, 3, (8,)))
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        sharpness.m_sharpness(OutOfMemoryUnderVmap(), F.cross_entropy, data, m=m, rho=0.1, dtype=F64, progress=False)
+    looped = sharpness.m_sharpness(OutOfMemoryUnderVmap(), F.cross_entropy, data, m=m, rho=0.1, dtype=F64,
+                                   batched=False, progress=False)
+    assert looped.settings["method"] == "loop" and looped.value > 0
+
+
 @pytest.mark.parametrize("m, examples_per_call, chunks_per_call, vectorised", [
     (8, 3, 1, False),  # chunks larger than a call: one chunk at a time in sub-batches of 3, 3, 2
     (3, 10, 3, True),  # 8 chunks in groups of 3, 3, 2
