@@ -41,7 +41,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -105,6 +105,19 @@ def _inputs(module: nn.Module, a: Tensor) -> Tensor:
     # (E, C, *out, *kernel) -> (E, C, *kernel, *out) -> (E, C * kernel, P)
     order = (0, 1) + tuple(range(2 + spatial, 2 + 2 * spatial)) + tuple(range(2, 2 + spatial))
     return x.permute(order).reshape(a.shape[0], a.shape[1] * math.prod(module.kernel_size), -1)
+
+
+def _dense_sizes(module: nn.Module, a: Tensor, z: Tensor) -> tuple[int, int, int]:
+    """``(d_in, P, d_out)`` of a ``Linear`` layer or a convolution, from its input and its output (or the
+    output's gradient)."""
+    if isinstance(module, nn.Linear):
+        return a.shape[-1], z[0, ..., 0].numel(), z.shape[-1]
+    return a.shape[1] * math.prod(module.kernel_size), z[0, 0].numel(), z.shape[1]
+
+
+def _ghost(d_in: int, P: int, d_out: int) -> bool:
+    """Whether the ghost norm (``P x P`` Gram matrices) takes fewer multiplications than ``G = D^T U``."""
+    return P * (d_in + d_out) < d_in * d_out
 
 
 def _slabs(module: nn.Module, a: Tensor, values_per_example: int) -> Iterator[tuple[slice, Tensor]]:
@@ -174,9 +187,8 @@ class _Dense:
         if "bias" in selected:
             step.b = D.sum(2 if cols else 1)
         if "weight" in selected:
-            d_in = a.shape[1] * math.prod(module.kernel_size) if cols else a.shape[-1]
-            (d_out, P) = D.shape[1:] if cols else D.shape[:0:-1]
-            step.ghost = P * (d_in + d_out) < d_in * d_out
+            d_in, P, d_out = _dense_sizes(module, a, z_grad)
+            step.ghost = _ghost(d_in, P, d_out)
             if step.ghost:
                 step.X, step.D = _inputs(module, a), D
             elif cols:
@@ -307,12 +319,11 @@ class _Layer:
     k: Tensor | None = None  # the step coefficient of every example
 
     def elements_per_example(self, a: Tensor, z: Tensor) -> int:
-        """What the rules keep per example for this layer (a plan for the memory of a call)."""
+        """What the rules keep per example for this layer: its input and output, the unfolded input, and ``G``
+        or the ghost norm's operands and Gram matrix (a plan for the memory of a call)."""
         if isinstance(self.module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and "weight" in self.selected:
-            X = _inputs(self.module, a)
-            (d_in, P), d_out = (X.shape[1:] if X.ndim == 3 and not isinstance(self.module, nn.Linear)
-                                else X.shape[:0:-1]), z.shape[1 if not isinstance(self.module, nn.Linear) else -1]
-            kept = P * (d_in + d_out) + P * P if P * (d_in + d_out) < d_in * d_out else d_in * d_out
+            d_in, P, d_out = _dense_sizes(self.module, a, z)
+            kept = P * (d_in + d_out + P) if _ghost(d_in, P, d_out) else d_in * d_out
             return kept + P * d_in + a[0].numel() + z[0].numel()
         if isinstance(self.module, nn.Embedding):
             T = a[0].numel()
@@ -454,7 +465,7 @@ class LayerRules:
     layers: list[_Layer]
     loss: Callable[[Tensor, Tensor], Tensor]
     examples_per_call: int
-    elements_per_example: int = field(default=0)
+    elements_per_example: int = 0
 
     def sam_losses(self, batch: Any, alpha: float, rho: float) -> tuple[Tensor, Tensor]:
         """``(l_i(w), l_i(w + eps_i))`` for every example ``i`` of ``batch``, ``eps_i`` the SAM step of its own

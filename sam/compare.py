@@ -47,7 +47,7 @@ from landscape.storage import (
 from .analyses import HessianSettings, Inputs, SurfaceSettings, hessian_analysis, sharpness_analysis, surface_analysis
 from .figure_data import error_reduction_table, error_vs_rho_table, load_sweep, snapshot_epochs, spectrum_evolution
 from .labels import directory_name, effective_rho, run_label, run_labels, spread
-from .trainer import TrainConfig, checkpoint_sha256, load_run_config, resolve_device, train
+from .trainer import ConfigMismatch, TrainConfig, checkpoint_sha256, load_run_config, resolve_device, train
 
 __all__ = ["CompareConfig", "CompareResult", "compare", "demo", "load_hessian", "load_metrics", "load_noise_table",
            "summary_rows", "run_label", "run_labels"]
@@ -546,7 +546,11 @@ def demo(out_dir: str | Path = "figures", runs_dir: str | Path = "runs", *, data
             settings = TrainConfig(**{k: v for k, v in recipe.items() if k != "sam_rho"}, optimizer=optimizer,
                                    rho=rho if optimizer == "sam" else None, seed=seed, device=device)
             start = time.perf_counter()
-            result = train(settings, run_dir, resume=True, progress=progress)
+            try:
+                result = train(settings, run_dir, resume=True, progress=progress)
+            except ConfigMismatch as error:  # e.g. a run of an older recipe, before its snapshots
+                raise ConfigMismatch(f"{error}: it was trained by another version of the demo's recipe; remove "
+                                     f"it, or give the demo another runs directory (--runs)") from error
             log(f"{optimizer} seed {seed}: test accuracy {result.final['test_acc']:.4f} "
                 f"({time.perf_counter() - start:.1f} s)")
             sides[optimizer].append(run_dir)

@@ -66,6 +66,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
+    "ConfigMismatch",
     "train",
     "evaluate",
     "build_optimizer",
@@ -90,6 +91,10 @@ AMP_MODES = ("auto", "none", "bf16", "fp16")  # auto: bf16 on a GPU that has it,
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class ConfigMismatch(ValueError):
+    """``resume=True`` met a run directory trained with another config; the message names the fields."""
 
 
 @dataclass
@@ -429,7 +434,7 @@ def train(
     Raises:
         FileExistsError: ``out_dir`` holds a finished epoch and neither ``resume`` nor ``overwrite`` is True,
             or weights, metrics or snapshots without their ``state.pt`` (see ``out_dir``).
-        ValueError: ``resume`` is True and ``out_dir`` holds a run with a different config.
+        ConfigMismatch: ``resume`` is True and ``out_dir`` holds a run with a different config (a ValueError).
         TrainingDiverged: the loss became NaN/inf; the checkpoint of the last good epoch is kept.
     """
     out = Path(out_dir)
@@ -859,7 +864,7 @@ def _check_same_config(config: TrainConfig, config_path: Path) -> None:
     differing = sorted(k for k in mine if mine[k] != theirs[k])
     if differing:
         details = ", ".join(f"{k}: saved {theirs[k]!r}, given {mine[k]!r}" for k in differing)
-        raise ValueError(f"cannot resume {config_path.parent} with a different config ({details})")
+        raise ConfigMismatch(f"cannot resume {config_path.parent} with a different config ({details})")
 
 
 def load_run_config(out_dir: str | Path) -> TrainConfig:

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from landscape import hessian, sharpness, surface
-from landscape.batches import BatchError, BatchProtocol, token_cross_entropy
+from landscape.batches import BatchError, token_cross_entropy
 from landscape.objective import NondeterministicObjective, Objective, ParamLayout
 
 F64 = torch.float64

@@ -295,3 +295,20 @@ def test_demo_trains_with_snapshots_and_shows_the_spectrum_evolution(tmp_path):
     saved = json.loads((tmp_path / "figures" / "summary.json").read_text())
     assert [(e["label"], e["seeds"]) for e in saved["runs"]] == [("SGD", [0, 1]), ("SAM rho=0.2", [0, 1])]
     assert (tmp_path / "figures" / "spectrum_evolution.png").exists()
+
+
+def test_demo_names_a_run_left_by_another_recipe_instead_of_resuming_it(tmp_path):
+    """A run the demo trained before its recipe changed (here: without snapshots) is neither reused nor
+    overwritten: the error names the field, the run and what to do."""
+    from sam.compare import demo
+    from sam.trainer import ConfigMismatch
+
+    old = tmp_path / "runs" / "demo-digits-sgd-e1-seed0"
+    train(TrainConfig(dataset="digits", model="digits_cnn", epochs=1, batch_size=128, lr=0.1, snapshot_every=0,
+                      optimizer="sgd", seed=0), old, progress=False)
+    before = (old / "config.json").read_bytes()
+    with pytest.raises(ConfigMismatch, match=r"snapshot_every: saved 0, given 1\).*another version of the demo's "
+                                             r"recipe; remove it, or give the demo another runs directory \(--runs\)"):
+        demo(tmp_path / "figures", tmp_path / "runs", dataset="digits", seeds=1, epochs=1, progress=False, log=_quiet)
+    assert (old / "config.json").read_bytes() == before and not (tmp_path / "figures").exists()
+
