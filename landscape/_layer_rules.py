@@ -9,7 +9,7 @@ per-example gradient ``G_i = sum_q d_iq u_iq^T`` with ``d_iq = dl_i / dz_iq`` (G
 batched forward and backward to the layer outputs. Then
 
 * ``||G_i||_F^2 = sum_{q,r} (u_iq . u_ir)(d_iq . d_ir)`` (the "ghost norm": Li et al. 2022, Sec. 4; Bu et
-  al. 2023 choose, as here, per layer between it and materialising ``G_i``, whichever takes fewer
+  al. 2022 choose, as here, per layer between it and materialising ``G_i``, whichever takes fewer
   multiplications: ``P (d_in + d_out) < d_in d_out`` for ``P`` positions);
 * at ``w + eps_i`` the layer maps an input ``u'`` to ``W u'_q + k_i G_i u'_q``: the plain batched layer plus
   a correction ``k_i D_i^T (U_i u'_q)`` (ghost) or ``k_i G_i u'_q`` (materialised), one batched matrix
@@ -65,7 +65,8 @@ class Unsupported(Exception):
 
 def first_step_coefficient(norm: Tensor, alpha: float, rho: float) -> Tensor:
     """``k`` of the first projected step from ``u = 0`` along ``g`` with ``||g||_2 = norm``: ``Proj(alpha g /
-    ||g||) = k g`` with ``k = min(alpha, rho) / ||g||`` (zero where ``g = 0``)."""
+    ||g||) = k g`` with ``k = min(alpha, rho) / ||g||`` (``||g||`` clamped at ``1e-12``, so that ``k g = 0`` where
+    ``g = 0``)."""
     coefficient = alpha / norm.clamp_min(_TINY)
     return coefficient * (rho / (coefficient * norm).clamp_min(_TINY)).clamp(max=1.0)
 
@@ -80,11 +81,15 @@ def _rule_class(module: nn.Module) -> type[nn.Module] | None:
 
 
 def _conv_padding(module: nn.Module) -> tuple[int, ...]:
+    """The zeros a convolution pads on each side, per spatial axis (``"same"`` only where that is symmetric)."""
     padding = module.padding
-    if isinstance(padding, str):
-        if padding != "valid":
-            raise Unsupported(f"{type(module).__name__} with padding={padding!r}")
+    if padding == "valid":
         return (0,) * len(module.kernel_size)
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+        if any(t % 2 for t in total):
+            raise Unsupported(f"{type(module).__name__} with padding='same' and an even kernel (asymmetric padding)")
+        return tuple(t // 2 for t in total)
     return tuple(padding)
 
 
@@ -323,11 +328,11 @@ class _Layer:
         or the ghost norm's operands and Gram matrix (a plan for the memory of a call)."""
         if isinstance(self.module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and "weight" in self.selected:
             d_in, P, d_out = _dense_sizes(self.module, a, z)
-            kept = P * (d_in + d_out + P) if _ghost(d_in, P, d_out) else d_in * d_out
+            kept = P * (d_in + d_out + 3 * P) if _ghost(d_in, P, d_out) else d_in * d_out  # up to 3 Gram matrices
             return kept + P * d_in + a[0].numel() + z[0].numel()
         if isinstance(self.module, nn.Embedding):
             T = a[0].numel()
-            return T * T + 2 * z[0].numel()
+            return 3 * T * T + 2 * z[0].numel()
         return 2 * (a[0].numel() + z[0].numel())
 
 
@@ -471,13 +476,14 @@ class LayerRules:
         """``(l_i(w), l_i(w + eps_i))`` for every example ``i`` of ``batch``, ``eps_i`` the SAM step of its own
         loss (module docstring); NaN for an example without loss terms."""
         objective, params = self.objective, self.objective.params
-        with torch.enable_grad(), _hooked(self.layers, _capture, batch_size(batch)):
-            losses = _losses(objective.protocol, self.loss, objective.forward(params, batch), batch)
-        changed = [layer for layer in self.layers if layer.output._version != layer.output_version]
-        if changed:  # an in-place operation after the layer (a ReLU(inplace=True)): again, on copies
-            for layer in changed:
+        while True:  # again where the model changed a layer's output in place (a ReLU(inplace=True)), on copies
+            with torch.enable_grad(), _hooked(self.layers, _capture, batch_size(batch)):
+                losses = _losses(objective.protocol, self.loss, objective.forward(params, batch), batch)
+            changed = [layer for layer in self.layers if layer.output._version != layer.output_version]
+            if not changed:
+                break
+            for layer in changed:  # a copied output is never changed again: at most one pass per layer
                 layer.copy = True
-            return self.sam_losses(batch, alpha, rho)
         finite = torch.isfinite(losses.detach())
         total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
         grads = torch.autograd.grad(total, [layer.output for layer in self.layers], allow_unused=True)

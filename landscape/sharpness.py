@@ -56,6 +56,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -106,6 +107,7 @@ _EXAMPLES_PER_CALL = {"cpu": 128, "cuda": 1024}
 # 0.49 s at 64 (2 threads, one process, medians of 8).
 _PARAM_ELEMENTS_PER_CALL = 2**24  # stacked perturbation elements in one vmapped call (64 MiB in float32)
 _LAYER_RULES_CPU_ELEMENTS = 2**25  # values the layer rules keep in one call on the CPU (128 MiB in float32)
+_CHECKED_EXAMPLES = 2  # examples on which the layer rules are checked against the loop
 _TINY = 1e-12
 _APGD_MOMENTUM = 0.75  # Croce & Hein 2020, Sec. 3.2
 _APGD_SUCCESS_FRACTION = 0.75  # ibid., condition 1
@@ -615,14 +617,16 @@ def _sam_step_by_layer_rules(objective: Objective, *, rho: float, alpha: float, 
     the model (vmap then).
 
     The rules see modules, not how the model uses their parameters elsewhere (a weight read outside its
-    module's ``forward``), so the first call's first two examples are checked against the loop (the reference
-    path, ``batched=False``); where they disagree the rules are dropped with a warning."""
+    module's ``forward``), so :data:`_CHECKED_EXAMPLES` examples with loss terms (the largest losses of the
+    first calls that have any) are checked against the loop, the reference path of ``batched=False``; where
+    they disagree the rules are dropped with a warning."""
     try:
         rules = _layer_rules.layer_rules(objective, objective.source.first(), examples_per_call,
                                          _element_budget(objective.device, objective.dtype))
     except _layer_rules.Unsupported:
         return None
-    bases, bests = [], []
+    name = type(objective.model).__name__
+    bases, bests, checked = [], [], 0
     bar = progress_bar(total=objective.n_examples, desc=desc, unit="chunk", enabled=progress, leave=False)
     try:
         for batch, count in _chunk_groups(objective, 1, rules.examples_per_call, seed=0):
@@ -631,17 +635,24 @@ def _sam_step_by_layer_rules(objective: Objective, *, rho: float, alpha: float, 
             except (RuntimeError, NotImplementedError) as error:
                 if bases or isinstance(error, torch.OutOfMemoryError):  # they worked on an earlier call
                     raise
-                _warn_once(f"{type(objective.model).__name__}: the per-layer rules failed ({_first_sentence(error)}); "
-                           "m = 1 sharpness uses vmap")
+                _warn_once(f"{name}: the per-layer rules failed ({_first_sentence(error)}); m = 1 sharpness uses vmap")
                 return None
-            if not bases and not _agrees_with_the_loop(objective, batch, base, best, rho=rho, alpha=alpha):
-                _warn_once(f"{type(objective.model).__name__}: the per-layer rules disagree with the loop over "
-                           "examples (a parameter used outside its module?); m = 1 sharpness uses vmap")
-                return None
+            if checked < _CHECKED_EXAMPLES:
+                finite = torch.isfinite(base).nonzero().flatten()
+                picked = finite[base[finite].argsort(descending=True)[: _CHECKED_EXAMPLES - checked]]
+                if picked.numel() and not _rules_agree_with_the_loop(objective, rules, take(batch, picked), rho=rho,
+                                                                     alpha=alpha):
+                    _warn_once(f"{name}: the per-layer rules disagree with the loop over examples (a parameter used "
+                               "outside its module?); m = 1 sharpness uses vmap")
+                    return None
+                checked += picked.numel()
             bases.append(base)
             bests.append(best)
             bar.update(count)
-    except _layer_rules.Unsupported:
+    except _layer_rules.Unsupported as error:
+        if bases:
+            _warn_once(f"{name}: the per-layer rules stopped after {sum(b.numel() for b in bases)} examples "
+                       f"({_first_sentence(error)}); m = 1 sharpness starts again with vmap")
         return None
     finally:
         bar.close()
@@ -649,21 +660,33 @@ def _sam_step_by_layer_rules(objective: Objective, *, rho: float, alpha: float, 
                              chunks_per_call=rules.examples_per_call, vectorised=True, method="layer_rules")
 
 
-def _agrees_with_the_loop(objective: Objective, batch: Any, base: Tensor, best: Tensor, *, rho: float,
-                          alpha: float, examples: int = 2) -> bool:
-    """Whether the first ``examples`` of ``batch`` give the loop's ``(l_i(w), l_i(w + eps_i))`` to within the
-    rounding of the objective's dtype (relative ``1e-3`` of the loss increase plus ``1e-5`` of the loss)."""
-    count = min(examples, batch_size(batch))
-    pieces = [take(batch, slice(i, i + 1)) for i in range(count)]
+@contextlib.contextmanager
+def _full_float32() -> Iterator[None]:
+    """Float32 convolutions and matrix products in full precision (no TF32 on a GPU), restored after."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn
+        torch.set_float32_matmul_precision(matmul)
+
+
+def _rules_agree_with_the_loop(objective: Objective, rules: _layer_rules.LayerRules, examples: Any, *, rho: float,
+                               alpha: float) -> bool:
+    """Whether the rules give the loop's ``(l_i(w), l_i(w + eps_i))`` on ``examples`` to within rounding:
+    relative ``1e-3`` of the loss increase plus ``1e-5`` of the loss, both computed without TF32."""
+    count = batch_size(examples)
+    pieces = [take(examples, slice(i, i + 1)) for i in range(count)]
     origin = objective.params
     value_and_grad, value = _looped_evaluators(objective, _chunk_loss_fn(objective, origin, None), pieces, 1)
     zeros = {k: torch.zeros((), dtype=w.dtype, device=w.device).expand((count,) + w.shape) for k, w in origin.items()}
-    ref_base, ref_best = ascend(value_and_grad, value, zeros, rho, 2.0, 1, "pgd", alpha)
-    got = torch.stack([base[:count], best[:count]]).double()
-    want = torch.stack([ref_base, ref_best]).double()
+    with _full_float32():
+        got = torch.stack(rules.sam_losses(examples, alpha, rho)).double()
+        want = torch.stack(ascend(value_and_grad, value, zeros, rho, 2.0, 1, "pgd", alpha)).double()
     tolerance = 1e-3 * (want[1] - want[0]).abs() + 1e-5 * want.abs() + 1e-9
-    close = ((got - want).abs() <= tolerance) | (got.isnan() & want.isnan())
-    return bool(close.all())
+    return bool(((got - want).abs() <= tolerance).all())
 
 
 def _chunk_groups(objective: Objective, m: int, group: int, seed: int) -> Iterator[tuple[Any, int]]:
