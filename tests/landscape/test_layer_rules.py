@@ -395,3 +395,18 @@ def test_an_unsupported_model_is_named():
                                               (torch.randn(4, 4), torch.randint(0, 3, (4,))), dtype=F64)
     with pytest.raises(_layer_rules.Unsupported, match="fc ran 2 times"):
         _layer_rules.layer_rules(objective, take(objective.source.first(), slice(0, 2)), 4, 10**9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_rules_run_in_float32_with_tf32_on_and_match_the_cpu():
+    """cuDNN's TF32 convolutions must not make the check against the loop drop the rules."""
+    model = ConvNet().eval()
+    g = torch.Generator().manual_seed(20)
+    X, y = torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 5, (64,), generator=g)
+    cpu = m1(model, F.cross_entropy, (X, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gpu = sharpness.m_sharpness(model, F.cross_entropy, (X, y), m=1, rho=RHO, device="cuda", progress=False)
+    assert gpu.settings["method"] == "layer_rules"
+    np.testing.assert_allclose(gpu.per_chunk, cpu.per_chunk, rtol=2e-2, atol=5e-3)  # TF32 convolutions
