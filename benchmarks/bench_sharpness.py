@@ -77,7 +77,6 @@ def bench_m(args: argparse.Namespace, objective, model: torch.nn.Module, X: torc
     """Every contender at chunk size ``m``: values, wall and CPU medians, ratios to both loops."""
     device = torch.device(args.device)
     values: dict[str, float] = {}
-
     methods: dict[str, str] = {}
     per_call: dict[str, int] = {}
 

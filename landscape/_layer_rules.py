@@ -177,18 +177,22 @@ class _Dense:
     and writes the output's layout."""
 
     module: nn.Module
-    cols: bool
     ghost: bool = False
     X: Tensor | None = None
     D: Tensor | None = None
     G: Tensor | None = None
     b: Tensor | None = None
 
+    @property
+    def cols(self) -> bool:
+        """Whether the layer is a convolution (columns) rather than a ``Linear`` layer (rows)."""
+        return not isinstance(self.module, nn.Linear)
+
     @classmethod
     def of(cls, module: nn.Module, selected: set[str], a: Tensor, z_grad: Tensor) -> _Dense:
-        cols = not isinstance(module, nn.Linear)
+        step = cls(module)
+        cols = step.cols
         D = z_grad.flatten(2) if cols else z_grad.reshape(z_grad.shape[0], -1, z_grad.shape[-1])
-        step = cls(module, cols)
         if "bias" in selected:
             step.b = D.sum(2 if cols else 1)
         if "weight" in selected:
@@ -242,7 +246,6 @@ class _Dense:
 class _Embedding:
     """``Embedding``: the rows of ``G_i`` are sums of ``d_iq`` over the positions holding the same token."""
 
-    module: nn.Module
     ids: Tensor
     D: Tensor
 
@@ -252,7 +255,7 @@ class _Embedding:
         D = z_grad.reshape(ids.shape + (z_grad.shape[-1],))
         if module.padding_idx is not None:
             D = D.masked_fill((ids == module.padding_idx)[..., None], 0.0)
-        return cls(module, ids, D)
+        return cls(ids, D)
 
     def squared_norm(self) -> Tensor:
         same = (self.ids[:, :, None] == self.ids[:, None, :]).to(self.D.dtype)

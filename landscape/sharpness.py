@@ -548,14 +548,14 @@ def _worst_case(
         return base.double().cpu().numpy(), best.double().cpu().numpy(), settings
     if m > n:
         raise ValueError(f"m must be at most the number of examples ({n}); got m={m}")
-    chunk_loss = _chunk_loss_fn(objective, origin, scale)
-    n_params = sum(t.numel() for t in origin.values())
     budget = _examples_per_call(objective.device, examples_per_call)
     if layer_rules and m == 1 and batched and steps == 1 and ascent == "pgd" and p == 2.0 and scale is None:
         ruled = _sam_step_by_layer_rules(objective, rho=rho, alpha=rho if step_size is None else step_size,
                                          examples_per_call=budget, progress=progress, desc=desc)
         if ruled is not None:
             return ruled
+    chunk_loss = _chunk_loss_fn(objective, origin, scale)
+    n_params = sum(t.numel() for t in origin.values())
     vectorised = batched and m <= budget
     group = _chunk_budget(m, n_params, budget) if vectorised else 1
     bases, bests = [], []
