@@ -1,7 +1,7 @@
 """The report of ``benchmarks/gpu.sh``: each benchmark's JSON checked against its goal (issue #19).
 
 ``python benchmarks/_gpu_report.py WORK [--results benchmarks/RESULTS.md] [--seconds S]`` reads
-``WORK/{sam_step,surface,hessian,sharpness}.json`` and the parts' logs, prints the section, and with
+``WORK/{sam_step,surface,hessian,sharpness,sharpness_lm}.json`` and the parts' logs, prints the section, and with
 ``--results`` replaces the file's section between ``<!-- gpu.sh begin -->`` and ``<!-- gpu.sh end -->``
 (appended when there is none) with it, written atomically. A JSON that is missing or lacks what a goal
 reads is an error (exit code 1): the dry run in CI catches a benchmark whose output changed shape.
@@ -20,7 +20,7 @@ from typing import Any
 from landscape.storage import atomic_write_text
 
 BEGIN, END = "<!-- gpu.sh begin -->", "<!-- gpu.sh end -->"
-PARTS = ("sam_step", "surface", "hessian", "sharpness")
+PARTS = ("sam_step", "surface", "hessian", "sharpness", "sharpness_lm")
 
 
 def _row(rows: list[dict[str, Any]], key: str, value: str) -> dict[str, Any]:
@@ -70,8 +70,15 @@ def sharpness_goals(data: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
     return [("m = 1 sharpness, loop / default time", speedup, ">= 10", speedup >= 10)]
 
 
+def sharpness_lm_goals(data: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    """m = 1 sharpness of Hugging Face language models (no goal of the issue's: reported)."""
+    return [(f"m = 1 sharpness of {model}, loop / default time", speedup, "report", True)
+            for model, speedup in data["m1_speedup_over_loop"].items()]
+
+
 GOALS: dict[str, Callable[[dict[str, Any]], list[tuple[str, Any, str, bool | None]]]] = {
-    "sam_step": sam_step_goals, "surface": surface_goals, "hessian": hessian_goals, "sharpness": sharpness_goals}
+    "sam_step": sam_step_goals, "surface": surface_goals, "hessian": hessian_goals, "sharpness": sharpness_goals,
+    "sharpness_lm": sharpness_lm_goals}
 
 
 def section(work: Path, seconds: int | None) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validation, one command on a machine with one NVIDIA GPU (at most 8 minutes):
 #   the GPU tests (pytest -m gpu), then the step, surface, Hessian-vector-product and sharpness
-#   benchmarks on the GPU, each against its goal; their results replace the "GPU validation" section
+#   benchmarks on the GPU, each against its goal (and m = 1 sharpness of GPT-2 and Llama, reported); their results replace the "GPU validation" section
 #   of benchmarks/RESULTS.md (card name, torch version, date).
 #
 #   bash benchmarks/gpu.sh          # on the GPU machine, from the repository root or anywhere
@@ -33,9 +33,11 @@ print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, flush
 PY
     device=(--device cuda)
     size=()
+    lm_size=(--sequences 128 --repeats 3)
 else
     device=(--device cpu)
     size=(--quick)
+    lm_size=()
 fi
 
 part() {  # part NAME COMMAND...: run one part, its output kept for the report
@@ -51,6 +53,8 @@ part sam_step "$python" benchmarks/bench_sam_step.py "${device[@]}" "${size[@]}"
 part surface "$python" benchmarks/bench_surface.py "${device[@]}" "${size[@]}" --json "$work/surface.json"
 part hessian "$python" benchmarks/bench_hessian.py "${device[@]}" "${size[@]}" --json "$work/hessian.json"
 part sharpness "$python" benchmarks/bench_sharpness.py "${device[@]}" "${size[@]}" --json "$work/sharpness.json"
+part sharpness_lm "$python" benchmarks/bench_sharpness_lm.py "${device[@]}" "${size[@]}" "${lm_size[@]}" \
+    --json "$work/sharpness_lm.json"
 
 report=(benchmarks/_gpu_report.py "$work" --seconds "$((SECONDS - start))")
 if [ "$mode" = gpu ]; then

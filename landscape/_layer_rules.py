@@ -20,28 +20,40 @@ to the layer outputs, per-example products of size ``P x P`` or ``d_out x d_in``
 layers add their corrections. Rules (a module's own ``forward`` only; a subclass that overrides it is not
 covered):
 
-* ``Linear`` (positions: every index between the batch and the features), ``Conv1d``/``Conv2d`` (the
+* ``Linear`` (positions: every index between the batch and the features), transformers' ``Conv1D`` (GPT-2's
+  ``z = u W + b``, the weight stored transposed: ``G = U^T D`` in its layout), ``Conv1d``/``Conv2d`` (the
   unfolded patches; zero padding, one group): ``G = D^T U``, bias gradient ``sum_q d_q``;
 * ``Embedding``: ``u_q`` is one-hot, so ``u_q . u_r = [t_q = t_r]`` for the token ids ``t`` (rows at
-  ``padding_idx`` get no gradient, as in PyTorch);
-* ``BatchNorm`` (eval, running statistics), ``LayerNorm``, ``GroupNorm``, ``RMSNorm``: ``z = gamma * xhat +
-  beta`` with ``xhat`` the normalised input, so ``dgamma_i = sum d_i * xhat_i`` and ``dbeta_i = sum d_i``,
-  small enough to materialise.
+  ``padding_idx`` get no gradient, as in PyTorch); transformers' ``*ScaledWordEmbedding`` (Gemma's: ``z = s
+  W[t]``) the same with ``d_q`` scaled by ``s``;
+* a weight tied between such layers (GPT-2's token embedding and output layer): its gradient is the sum
+  ``G = G_a + G_b`` of its uses, so ``||G||^2`` gains ``2 <G_a, G_b>`` and every use's correction applies the
+  whole ``G``. Both stay factored, ``G_a = sum_q r_q c_q^T``: ``<G_a, G_b> = sum_{q,s} (r_q . r'_s)(c_q . c'_s)``,
+  with a one-hot factor's inner products read off the other factor by its token ids;
+* ``BatchNorm`` (eval, running statistics), ``LayerNorm``, ``GroupNorm``, ``RMSNorm`` and Hugging Face's own
+  normalisations (classes of ``transformers``, or of a model's remote code, named ``*RMSNorm`` or
+  ``*LayerNorm``: Llama's ``gamma * xhat``, the ``(1 + gamma) * xhat`` of others): ``z = c + gamma * xhat`` with
+  ``xhat`` the normalised input (for Hugging Face's, ``dz / dgamma`` along all-ones by a JVP, whatever dtype
+  they compute in; checked once, along a second direction, to be that channel by channel over the last
+  dimension), so ``dgamma_i = sum d_i * xhat_i`` and ``dbeta_i = sum d_i``, small enough to materialise.
 
-Anything else (a parameter of another module, one module called twice, tied weights, a loss that cannot be
-taken per example) raises :class:`Unsupported`, and :func:`landscape.sharpness.m_sharpness` uses vmap.
-References: Goodfellow, "Efficient per-example gradient computations", 2015; Li et al., "Large language
-models can be strong differentially private learners", ICLR 2022; Bu et al., "Scalable and efficient
-training of large convolutional neural networks with differential privacy", NeurIPS 2022.
+A module that does not run contributes nothing. Anything else (a parameter of another module, one module
+called twice, a tie involving a bias, a norm or a convolution, a loss that cannot be taken per example)
+raises :class:`Unsupported`, and
+:func:`landscape.sharpness.m_sharpness` uses vmap. References: Goodfellow, "Efficient per-example gradient
+computations", 2015; Li et al., "Large language models can be strong differentially private learners", ICLR
+2022; Bu et al., "Scalable and efficient training of large convolutional neural networks with differential
+privacy", NeurIPS 2022.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,8 +67,26 @@ __all__ = ["LayerRules", "Unsupported", "first_step_coefficient", "layer_rules"]
 
 _TINY = 1e-12
 _SLAB_VALUES = 2**19
-_AFFINE = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
-_RULED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding) + _AFFINE
+
+
+class _TransposedLinear(nn.Module):
+    """The kind of transformers' ``Conv1D`` (GPT-2): ``z = u W + b`` with ``W`` stored ``(d_in, d_out)``."""
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """The kind of transformers' ``*ScaledWordEmbedding`` (Gemma's, BART's): ``z = s W[t]``, ``s`` its
+    ``embed_scale``."""
+
+
+class _ElementwiseAffine(nn.Module):
+    """The kind of Hugging Face's own normalisations: affine in a 1-D ``weight``, channel by channel, over the
+    last dimension (``z = c(u) + gamma * xhat(u)``)."""
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+_CONVS = (nn.Conv1d, nn.Conv2d)
+_MATRICES = (nn.Linear, _TransposedLinear, nn.Embedding, _ScaledEmbedding)  # met on one side: may be tied
+_AFFINE = _NORMS + (_ElementwiseAffine,)
 
 
 class Unsupported(Exception):
@@ -72,11 +102,25 @@ def first_step_coefficient(norm: Tensor, alpha: float, rho: float) -> Tensor:
 
 
 # ------------------------------------------------------------------------- what a layer computes
-def _rule_class(module: nn.Module) -> type[nn.Module] | None:
-    """The ruled class ``module`` computes as (itself or a subclass that keeps its ``forward``), or ``None``."""
+def _kind(module: nn.Module) -> type[nn.Module] | None:
+    """The class whose rule ``module`` computes by: a ruled PyTorch class (itself or a subclass that keeps its
+    ``forward``), else :class:`_TransposedLinear` or :class:`_ElementwiseAffine` for transformers' classes, else
+    ``None``."""
     for cls in type(module).__mro__:
-        if cls in _RULED:
-            return cls if type(module).forward is cls.forward else None
+        if cls in _CONVS + (nn.Linear, nn.Embedding) + _NORMS and type(module).forward is cls.forward:
+            return cls
+    cls = type(module)
+    if cls.__module__ == "transformers.pytorch_utils" and cls.__name__ == "Conv1D":
+        return _TransposedLinear
+    weight = getattr(module, "weight", None)
+    hugging_face = cls.__module__.startswith(("transformers.", "transformers_modules."))  # or its remote code
+    if (hugging_face and cls.__name__.endswith("ScaledWordEmbedding") and isinstance(module, nn.Embedding)
+            and hasattr(module, "embed_scale")):
+        return _ScaledEmbedding
+    if (hugging_face and cls.__name__.endswith(("RMSNorm", "LayerNorm"))
+            and isinstance(weight, Tensor) and weight.ndim == 1
+            and getattr(module, "data_format", "channels_last") == "channels_last"):  # ConvNeXt's may be first
+        return _ElementwiseAffine
     return None
 
 
@@ -93,13 +137,10 @@ def _conv_padding(module: nn.Module) -> tuple[int, ...]:
     return tuple(padding)
 
 
-def _inputs(module: nn.Module, a: Tensor) -> Tensor:
-    """A dense layer's input as the operand of its product: columns ``(E, d_in, P)`` for a convolution (its
-    patches in the order of the flattened kernel: ``F.unfold``'s result, built from strided windows of the
-    zero-padded input in one copy, 1.8-11x faster than ``F.unfold`` on the CPU), rows ``(E, P, d_in)`` for a
-    ``Linear`` layer."""
-    if isinstance(module, nn.Linear):
-        return a.reshape(a.shape[0], -1, a.shape[-1])
+def _columns(module: nn.Module, a: Tensor) -> Tensor:
+    """A convolution's input as the columns ``(E, d_in, P)`` of its product: its patches in the order of the
+    flattened kernel (``F.unfold``'s result, built from strided windows of the zero-padded input in one copy,
+    1.8-11x faster than ``F.unfold`` on the CPU)."""
     padding = _conv_padding(module)
     x = F.pad(a, [p for p in reversed(padding) for _ in range(2)])
     spatial = len(module.kernel_size)
@@ -112,12 +153,18 @@ def _inputs(module: nn.Module, a: Tensor) -> Tensor:
     return x.permute(order).reshape(a.shape[0], a.shape[1] * math.prod(module.kernel_size), -1)
 
 
-def _dense_sizes(module: nn.Module, a: Tensor, z: Tensor) -> tuple[int, int, int]:
-    """``(d_in, P, d_out)`` of a ``Linear`` layer or a convolution, from its input and its output (or the
-    output's gradient)."""
-    if isinstance(module, nn.Linear):
-        return a.shape[-1], z[0, ..., 0].numel(), z.shape[-1]
-    return a.shape[1] * math.prod(module.kernel_size), z[0, 0].numel(), z.shape[1]
+def _rows(a: Tensor) -> Tensor:
+    """A matrix layer's input or output as rows ``(E, P, d)``: every index between the batch and the features
+    is a position."""
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
+def _dense_sizes(kind: type[nn.Module], module: nn.Module, a: Tensor, z: Tensor) -> tuple[int, int, int]:
+    """``(d_in, P, d_out)`` of a matrix layer or a convolution, from its input and its output (or the output's
+    gradient)."""
+    if kind in _CONVS:
+        return a.shape[1] * math.prod(module.kernel_size), z[0, 0].numel(), z.shape[1]
+    return a.shape[-1], z[0, ..., 0].numel(), z.shape[-1]
 
 
 def _ghost(d_in: int, P: int, d_out: int) -> bool:
@@ -132,49 +179,174 @@ def _slabs(module: nn.Module, a: Tensor, values_per_example: int) -> Iterator[tu
     step = max(1, _SLAB_VALUES // max(values_per_example, 1))
     for start in range(0, a.shape[0], step):
         examples = slice(start, start + step)
-        yield examples, _inputs(module, a[examples])
+        yield examples, _columns(module, a[examples])
 
 
-def _channels_first(module: nn.Module) -> bool:
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm))
+def _channels_first(kind: type[nn.Module]) -> bool:
+    return issubclass(kind, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm))
 
 
-def _affine_rows(module: nn.Module, x: Tensor) -> Tensor:
+def _affine_rows(kind: type[nn.Module], module: nn.Module, x: Tensor) -> Tensor:
     """A normalisation's input or output as rows ``(E, R, C)``, ``C`` the size of its affine parameters."""
-    if _channels_first(module):
+    if _channels_first(kind):
         return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
-    return x.reshape(x.shape[0], -1, math.prod(module.normalized_shape))
+    size = math.prod(module.normalized_shape) if hasattr(module, "normalized_shape") else module.weight.numel()
+    return x.reshape(x.shape[0], -1, size)
 
 
-def _from_affine_rows(module: nn.Module, rows: Tensor, like: Tensor) -> Tensor:
-    if _channels_first(module):
+def _from_affine_rows(kind: type[nn.Module], rows: Tensor, like: Tensor) -> Tensor:
+    if _channels_first(kind):
         return rows.reshape((like.shape[0],) + like.shape[2:] + (like.shape[1],)).movedim(-1, 1)
     return rows.reshape(like.shape)
 
 
-def _normalised(module: nn.Module, a: Tensor) -> Tensor:
-    """``xhat``: the normalisation of ``a`` before its affine map (BatchNorm with its running statistics)."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if module.training or module.running_mean is None or module.running_var is None:
-            raise Unsupported(f"{type(module).__name__} normalises with batch statistics (train mode, or no running "
-                              "statistics): examples are not independent")
-        return F.batch_norm(a, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
-    if isinstance(module, nn.GroupNorm):
-        return F.group_norm(a, module.num_groups, None, None, module.eps)
-    if isinstance(module, nn.LayerNorm):
-        return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
-    return F.rms_norm(a, module.normalized_shape, None, module.eps)
+# ---------------------------------------------------- a weight matrix's per-example gradient, factored
+@dataclass
+class _Ids:
+    """The one-hot vectors ``e_{t_q}`` of token ids ``t`` ``(E, P)`` among ``n``, never materialised."""
+
+    ids: Tensor
+    n: int
+    dtype: torch.dtype
+
+
+_Factor = Tensor | _Ids  # (E, P, n) vectors at P positions, or one-hot ones
+
+
+@dataclass
+class _Outer:
+    """``G_i = sum_q r_iq c_iq^T`` (``R x C``, the weight's layout), kept as its factors."""
+
+    rows: _Factor
+    cols: Tensor
+
+
+_Gradient = _Outer | Tensor  # factored, or materialised (E, R, C)
+
+
+def _gram(a: _Factor, b: _Factor) -> Tensor:
+    """``(E, P_a, P_b)``: ``a_q . b_s`` for every two positions (a one-hot factor reads the other one at its ids)."""
+    if isinstance(a, _Ids) and isinstance(b, _Ids):
+        return (a.ids[:, :, None] == b.ids[:, None, :]).to(a.dtype)
+    if isinstance(a, _Ids):
+        return _gram(b, a).mT
+    if isinstance(b, _Ids):
+        return a.gather(2, b.ids[:, None, :].expand(-1, a.shape[1], -1))
+    return a @ b.mT
+
+
+def _times(M: Tensor, f: _Factor) -> Tensor:
+    """``(E, P', n)``: ``sum_s M[:, q, s] f_s`` (one-hot ``f``: ``M`` added into the columns of its ids)."""
+    if isinstance(f, _Ids):
+        out = M.new_zeros(M.shape[:2] + (f.n,))
+        return out.scatter_add_(2, f.ids[:, None, :].expand_as(M), M)
+    return M @ f
+
+
+def _met(g: _Gradient, side: int, x: _Factor) -> Tensor:
+    """What an input ``x`` ``(E, P', .)`` meets in ``G``, at every position: ``G^T x_q`` for ``side = 0`` (the input
+    meets the rows: ``Conv1D``, ``Embedding``), ``G x_q`` for ``side = 1`` (the columns: ``Linear``)."""
+    if isinstance(g, _Outer):
+        near, far = (g.rows, g.cols) if side == 0 else (g.cols, g.rows)
+        return _times(_gram(x, near), far)
+    if side == 1:
+        return x @ g.mT
+    if isinstance(x, _Ids):
+        return g.gather(1, x.ids[:, :, None].expand(-1, -1, g.shape[2]))
+    return x @ g
+
+
+def _dot(f: _Factor, M: Tensor) -> Tensor:
+    """``(E,)``: ``sum_q f_q . M_q`` for ``M`` ``(E, P, n)``."""
+    if isinstance(f, _Ids):
+        return M.gather(2, f.ids[:, :, None]).sum((1, 2))
+    return (f * M).sum((1, 2))
+
+
+def _inner(a: _Gradient, b: _Gradient) -> Tensor:
+    """``<G_a, G_b>_F`` of every example, from whatever form each is kept in."""
+    if isinstance(a, _Outer) and isinstance(b, _Outer):
+        return (_gram(a.rows, b.rows) * _gram(a.cols, b.cols)).sum((1, 2))
+    if isinstance(b, _Outer):
+        a, b = b, a
+    if isinstance(a, _Outer):  # sum_q r_q^T G c_q: rows of G picked by a one-hot factor, else G c_q
+        return _dot(a.cols, _met(b, 0, a.rows)) if isinstance(a.rows, _Ids) else _dot(a.rows, _met(b, 1, a.cols))
+    if a is b:
+        return torch.linalg.vector_norm(a, dim=(1, 2)).square()
+    return (a * b).sum((1, 2))
+
+
+def _squared_norm(pieces: Sequence[_Gradient]) -> Tensor:
+    """``||sum_a G_a||_F^2 = sum_a ||G_a||^2 + 2 sum_{a<b} <G_a, G_b>`` (the uses of one tied weight)."""
+    return sum((1 if a == b else 2) * _inner(pieces[a], pieces[b])
+               for a in range(len(pieces)) for b in range(a, len(pieces)))
 
 
 # --------------------------------------------------------------------- one layer's first step
 @dataclass
-class _Dense:
-    """A ``Linear`` layer or a convolution: its per-example gradient ``G = D^T U`` kept as ``(X, D)`` (ghost) or
-    ``G``, and its bias gradient ``b = sum_q d_q``.
+class _Matrix:
+    """``Linear``, transformers' ``Conv1D`` or ``Embedding``: a weight matrix that the input meets on one side
+    (:func:`_met`), its gradient ``G = sum_q`` (input) x (output gradient) factored (ghost) or materialised, and
+    the bias gradient ``b = sum_q d_q``.
 
-    A convolution works on columns (``X`` and ``D`` shaped ``(E, d, P)``: ``F.unfold``'s layout and the
-    output's), a ``Linear`` layer on rows (``(E, P, d)``), so that every product reads its operands in place
-    and writes the output's layout."""
+    ``weight`` lists the gradient's pieces: this layer's own, and, once :meth:`LayerRules.sam_losses` has tied
+    them, those of every layer sharing the weight (one list for all of them; only the first one counts its
+    norm, ``counts_weight``)."""
+
+    layer: _Layer
+    weight: list[_Gradient] = field(default_factory=list)
+    b: Tensor | None = None
+    counts_weight: bool = True
+
+    @property
+    def side(self) -> int:
+        """The side of the stored weight the input meets: its columns (1) for ``Linear``, else its rows (0)."""
+        return 1 if self.layer.kind is nn.Linear else 0
+
+    def _input(self, a: Tensor, dtype: torch.dtype) -> _Factor:
+        if issubclass(self.layer.kind, nn.Embedding):
+            return _Ids(a.reshape(a.shape[0], -1), self.layer.module.num_embeddings, dtype)
+        return _rows(a)
+
+    @classmethod
+    def of(cls, layer: _Layer, a: Tensor, z_grad: Tensor) -> _Matrix:
+        step = cls(layer)
+        D = _rows(z_grad)
+        if "bias" in layer.selected:
+            step.b = D.sum(1)
+        if "weight" in layer.selected:
+            if issubclass(layer.kind, nn.Embedding):
+                padding = layer.module.padding_idx
+                if padding is not None:
+                    D = D.masked_fill((a.reshape(D.shape[:2]) == padding)[..., None], 0.0)
+                step.weight.append(_Outer(step._input(a, D.dtype), D if layer.scale is None else D * layer.scale))
+            else:
+                X = _rows(a)
+                piece = _Outer(D, X) if step.side == 1 else _Outer(X, D)
+                step.weight.append(piece if _ghost(X.shape[2], X.shape[1], D.shape[2])
+                                   else piece.rows.mT @ piece.cols)
+        return step
+
+    def squared_norm(self) -> Tensor:
+        total = torch.linalg.vector_norm(self.b, dim=1).square() if self.b is not None else 0
+        return total + _squared_norm(self.weight) if self.counts_weight and self.weight else total
+
+    def correction(self, a: Tensor, z: Tensor) -> Tensor:
+        """``G u'_q + b`` at every output position, in ``z``'s shape."""
+        x = self._input(a, z.dtype)
+        out = sum(_met(g, self.side, x) for g in self.weight) if self.weight else None
+        if out is not None and self.layer.scale is not None:
+            out = out * self.layer.scale
+        if self.b is not None:
+            out = self.b[:, None, :] if out is None else out + self.b[:, None, :]
+        return out.expand(z.shape[0], z[0, ..., 0].numel(), z.shape[-1]).reshape(z.shape)
+
+
+@dataclass
+class _Conv:
+    """A convolution: its per-example gradient ``G = D^T U`` kept as ``(X, D)`` (ghost) or ``G``, and its bias
+    gradient ``b = sum_q d_q``. ``X`` and ``D`` are columns ``(E, d, P)`` (``F.unfold``'s layout and the
+    output's), so that every product reads its operands in place and writes the output's layout."""
 
     module: nn.Module
     ghost: bool = False
@@ -183,41 +355,30 @@ class _Dense:
     G: Tensor | None = None
     b: Tensor | None = None
 
-    @property
-    def cols(self) -> bool:
-        """Whether the layer is a convolution (columns) rather than a ``Linear`` layer (rows)."""
-        return not isinstance(self.module, nn.Linear)
-
     @classmethod
-    def of(cls, module: nn.Module, selected: set[str], a: Tensor, z_grad: Tensor) -> _Dense:
+    def of(cls, layer: _Layer, a: Tensor, z_grad: Tensor) -> _Conv:
+        module = layer.module
         step = cls(module)
-        cols = step.cols
-        D = z_grad.flatten(2) if cols else z_grad.reshape(z_grad.shape[0], -1, z_grad.shape[-1])
-        if "bias" in selected:
-            step.b = D.sum(2 if cols else 1)
-        if "weight" in selected:
-            d_in, P, d_out = _dense_sizes(module, a, z_grad)
+        D = z_grad.flatten(2)
+        if "bias" in layer.selected:
+            step.b = D.sum(2)
+        if "weight" in layer.selected:
+            d_in, P, d_out = _dense_sizes(layer.kind, module, a, z_grad)
             step.ghost = _ghost(d_in, P, d_out)
             if step.ghost:
-                step.X, step.D = _inputs(module, a), D
-            elif cols:
+                step.X, step.D = _columns(module, a), D
+            else:
                 step.G = D.new_empty(D.shape[0], d_out, d_in)
                 for examples, X in _slabs(module, a, d_in * P):
                     torch.bmm(D[examples], X.mT, out=step.G[examples])
-            else:
-                step.G = D.mT @ _inputs(module, a)
         return step
-
-    def _gram(self, t: Tensor) -> Tensor:
-        """``(E, P, P)``: the inner products of every two positions' vectors."""
-        return t.mT @ t if self.cols else t @ t.mT
 
     def squared_norm(self) -> Tensor:
         total = 0
         if self.b is not None:
             total = torch.linalg.vector_norm(self.b, dim=1).square()
         if self.ghost:
-            total = total + (self._gram(self.X) * self._gram(self.D)).sum((1, 2))
+            total = total + ((self.X.mT @ self.X) * (self.D.mT @ self.D)).sum((1, 2))
         elif self.G is not None:
             total = total + torch.linalg.vector_norm(self.G, dim=(1, 2)).square()
         return total
@@ -226,86 +387,102 @@ class _Dense:
         """``G u'_q + b`` at every output position, in ``z``'s shape."""
         out = None
         if self.ghost:
-            X = _inputs(self.module, a)
-            out = self.D @ (self.X.mT @ X) if self.cols else (X @ self.X.mT) @ self.D
-        elif self.G is not None and self.cols:
+            out = self.D @ (self.X.mT @ _columns(self.module, a))
+        elif self.G is not None:
             out = self.G.new_empty(z.shape[0], z.shape[1], z[0, 0].numel())
             for examples, X in _slabs(self.module, a, self.G.shape[2] * out.shape[2]):
                 torch.bmm(self.G[examples], X, out=out[examples])
-        elif self.G is not None:
-            out = _inputs(self.module, a) @ self.G.mT
         if self.b is not None:
-            bias = self.b[:, :, None] if self.cols else self.b[:, None, :]
-            out = bias if out is None else out + bias
-        if self.cols:
-            return out.expand(z.shape[0], z.shape[1], z[0, 0].numel()).reshape(z.shape)
-        return out.expand(z.shape[0], z[0, ..., 0].numel(), z.shape[-1]).reshape(z.shape)
-
-
-@dataclass
-class _Embedding:
-    """``Embedding``: the rows of ``G_i`` are sums of ``d_iq`` over the positions holding the same token."""
-
-    ids: Tensor
-    D: Tensor
-
-    @classmethod
-    def of(cls, module: nn.Module, selected: set[str], a: Tensor, z_grad: Tensor) -> _Embedding:
-        ids = a.reshape(a.shape[0], -1)
-        D = z_grad.reshape(ids.shape + (z_grad.shape[-1],))
-        if module.padding_idx is not None:
-            D = D.masked_fill((ids == module.padding_idx)[..., None], 0.0)
-        return cls(ids, D)
-
-    def squared_norm(self) -> Tensor:
-        same = (self.ids[:, :, None] == self.ids[:, None, :]).to(self.D.dtype)
-        return (same * (self.D @ self.D.transpose(1, 2))).sum((1, 2))
-
-    def correction(self, a: Tensor, z: Tensor) -> Tensor:
-        """``G u'_q``: the sum of ``d_r`` over the positions ``r`` whose token is the one at ``q``."""
-        same = (a.reshape(a.shape[0], -1)[:, :, None] == self.ids[:, None, :]).to(self.D.dtype)
-        return (same @ self.D).reshape(z.shape)
+            out = self.b[:, :, None] if out is None else out + self.b[:, :, None]
+        return out.expand(z.shape[0], z.shape[1], z[0, 0].numel()).reshape(z.shape)
 
 
 @dataclass
 class _Affine:
-    """A normalisation ``z = gamma * xhat + beta``: ``dgamma_i = sum d_i * xhat_i``, ``dbeta_i = sum d_i``."""
+    """A normalisation ``z = c + gamma * xhat + beta``: ``dgamma_i = sum d_i * xhat_i``, ``dbeta_i = sum d_i``."""
 
-    module: nn.Module
+    layer: _Layer
     gamma: Tensor | None
     beta: Tensor | None
 
     @classmethod
-    def of(cls, module: nn.Module, selected: set[str], xhat: Tensor, z_grad: Tensor) -> _Affine:
+    def of(cls, layer: _Layer, xhat: Tensor, z_grad: Tensor) -> _Affine:
         """``xhat``: the normalised input, as :func:`_capture` keeps it (with the objective's buffers)."""
-        D = _affine_rows(module, z_grad)
-        gamma = (D * _affine_rows(module, xhat)).sum(1) if "weight" in selected else None
-        beta = D.sum(1) if "bias" in selected else None
-        return cls(module, gamma, beta)
+        D = _affine_rows(layer.kind, layer.module, z_grad)
+        gamma = (D * _affine_rows(layer.kind, layer.module, xhat)).sum(1) if "weight" in layer.selected else None
+        beta = D.sum(1) if "bias" in layer.selected else None
+        return cls(layer, gamma, beta)
 
     def squared_norm(self) -> Tensor:
         return sum(torch.linalg.vector_norm(t, dim=1).square() for t in (self.gamma, self.beta) if t is not None)
 
     def correction(self, a: Tensor, z: Tensor) -> Tensor:
         """``dgamma * xhat' + dbeta``."""
+        kind, module = self.layer.kind, self.layer.module
         rows = 0
         if self.gamma is not None:
-            rows = _affine_rows(self.module, _normalised(self.module, a)) * self.gamma[:, None, :]
+            rows = _affine_rows(kind, module, _normalised(self.layer, a)) * self.gamma[:, None, :]
         if self.beta is not None:
             rows = rows + self.beta[:, None, :]
-        rows = rows.expand(_affine_rows(self.module, z).shape)
-        return _from_affine_rows(self.module, rows, z)
+        rows = rows.expand(_affine_rows(kind, module, z).shape)
+        return _from_affine_rows(kind, rows, z)
 
 
-_Step = _Dense | _Embedding | _Affine
+_Step = _Matrix | _Conv | _Affine
 
 
-def _step_of(module: nn.Module) -> Callable[..., _Step]:
-    if isinstance(module, nn.Embedding):
-        return _Embedding.of
-    if isinstance(module, _AFFINE):
-        return _Affine.of
-    return _Dense.of
+def _slope(layer: _Layer, a: Tensor, tangent: Tensor) -> Tensor:
+    """``dz / dgamma`` of the module at input ``a`` along ``tangent`` (a JVP of its forward; its hooks stand aside
+    meanwhile)."""
+    module = layer.module
+    layer.busy = True
+    try:
+        _, slope = torch.func.jvp(lambda w: torch.func.functional_call(module, {"weight": w}, (a,)),
+                                  (module.weight.detach(),), (tangent,))
+    finally:
+        layer.busy = False
+    return slope
+
+
+def _check_elementwise(layer: _Layer, a: Tensor, xhat: Tensor) -> None:
+    """That a Hugging Face normalisation is affine in its weight channel by channel over the last dimension:
+    its slope along ``v = (0.5 .. 1.5)`` is ``v * xhat`` (SqueezeBERT's and VitDet's ``*LayerNorm`` normalise
+    the channels of a channels-first input, for one); else :class:`Unsupported`."""
+    weight = layer.module.weight
+    if xhat.shape[-1] != weight.numel():
+        raise Unsupported(f"{layer.name} ({type(layer.module).__name__}): the last dimension of its output is not "
+                          "the size of its weight")
+    v = torch.linspace(0.5, 1.5, weight.numel(), dtype=weight.dtype, device=weight.device)
+    along = _slope(layer, a, v)
+    if not torch.allclose(along, xhat * v, rtol=1e-4, atol=1e-6 * float(xhat.abs().max())):
+        raise Unsupported(f"{layer.name} ({type(layer.module).__name__}) is not affine in its weight channel by "
+                          "channel over the last dimension")
+
+
+def _step_of(kind: type[nn.Module]) -> Callable[..., _Step]:
+    if kind in _MATRICES:
+        return _Matrix.of
+    if kind in _CONVS:
+        return _Conv.of
+    return _Affine.of
+
+
+def _normalised(layer: _Layer, a: Tensor) -> Tensor:
+    """``xhat``: the normalisation of ``a`` before its affine map (BatchNorm with its running statistics; for
+    Hugging Face's own, ``dz / dgamma`` along all-ones, by a JVP of the module's forward with the hooks off)."""
+    kind, module = layer.kind, layer.module
+    if kind is _ElementwiseAffine:
+        return _slope(layer, a, torch.ones_like(module.weight))
+    if issubclass(kind, nn.modules.batchnorm._BatchNorm):
+        if module.training or module.running_mean is None or module.running_var is None:
+            raise Unsupported(f"{type(module).__name__} normalises with batch statistics (train mode, or no running "
+                              "statistics): examples are not independent")
+        return F.batch_norm(a, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
+    if kind is nn.GroupNorm:
+        return F.group_norm(a, module.num_groups, None, None, module.eps)
+    if kind is nn.LayerNorm:
+        return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+    return F.rms_norm(a, module.normalized_shape, None, module.eps)
 
 
 # ----------------------------------------------------------------------------------- the model
@@ -315,28 +492,41 @@ class _Layer:
 
     name: str
     module: nn.Module
-    selected: set[str]  # its analysed parameters' local names ("weight", "bias")
+    kind: type[nn.Module]  # the class whose rule applies (:func:`_kind`)
+    selected: dict[str, str]  # its analysed parameters: local name ("weight", "bias") -> name in the objective
     examples: int = 0  # E, the examples of the forward under way
     calls: int = 0
+    busy: bool = False  # the rules call the module themselves (a JVP): its hooks stand aside
     inputs: Tensor | None = None
     version: int = 0
     output: Tensor | None = None  # the output whose gradient is read (a leaf if nothing before it needs one)
     output_version: int = 0
     copy: bool = False  # hand the model a copy of the output (it changes the output in place)
+    scale: Tensor | None = None  # a scaled embedding's s, as the forward under way has it
     step: _Step | None = None
     k: Tensor | None = None  # the step coefficient of every example
 
-    def elements_per_example(self, a: Tensor, z: Tensor) -> int:
-        """What the rules keep per example for this layer: its input and output, the unfolded input, and ``G``
-        or the ghost norm's operands and Gram matrix (a plan for the memory of a call)."""
-        if isinstance(self.module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and "weight" in self.selected:
-            d_in, P, d_out = _dense_sizes(self.module, a, z)
-            kept = P * (d_in + d_out + 3 * P) if _ghost(d_in, P, d_out) else d_in * d_out  # up to 3 Gram matrices
-            return kept + P * d_in + a[0].numel() + z[0].numel()
-        if isinstance(self.module, nn.Embedding):
+    @property
+    def matrix_weight(self) -> str | None:
+        """The objective's name of a matrix layer's analysed weight (what ties the layers sharing it), or
+        ``None``."""
+        return self.selected.get("weight") if issubclass(self.kind, _MATRICES) else None
+
+    def elements_per_example(self, a: Tensor, z: Tensor, uses: int = 1) -> int:
+        """What the rules keep per example for this layer: its input, its output with the output's gradient and
+        a correction per use of its weight (``uses`` layers share it), a convolution's unfolded input, and
+        ``G`` or the ghost norm's operands and Gram matrices (a plan for the memory of a call; a language
+        model's output layer is most of it)."""
+        outputs = (2 + uses) * z[0].numel()
+        if issubclass(self.kind, nn.Embedding):
             T = a[0].numel()
-            return 3 * T * T + 2 * z[0].numel()
-        return 2 * (a[0].numel() + z[0].numel())
+            return 3 * T * T + outputs
+        if self.kind in _MATRICES + _CONVS and "weight" in self.selected:
+            d_in, P, d_out = _dense_sizes(self.kind, self.module, a, z)
+            kept = P * (d_in + d_out + 3 * P) if _ghost(d_in, P, d_out) else d_in * d_out  # up to 3 Gram matrices
+            unfolded = P * d_in if self.kind in _CONVS else 0
+            return kept + unfolded + a[0].numel() + outputs
+        return 2 * a[0].numel() + outputs
 
 
 def _layers(objective: Objective) -> list[_Layer]:
@@ -346,29 +536,38 @@ def _layers(objective: Objective) -> list[_Layer]:
         raise Unsupported("the objective evaluates in train mode")
     if any(isinstance(module, torch._dynamo.eval_frame.OptimizedModule) for module in model.modules()):
         raise Unsupported("a torch.compile'd module")
-    wanted = set(objective.params)
-    seen: dict[int, str] = {}
+    first: dict[int, str] = {}
+    analysed: dict[str, str] = {}  # every name of an analysed parameter (tied ones have several) -> its own
     for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen and (name in wanted or seen[id(p)] in wanted):
-            raise Unsupported(f"parameters {seen[id(p)]!r} and {name!r} are tied")
-        seen.setdefault(id(p), name)
+        own = first.setdefault(id(p), name)
+        if own in objective.params:
+            analysed[name] = own
     layers = []
     for name, module in model.named_modules():
-        own = {local for local, _ in module.named_parameters(recurse=False)
-               if (f"{name}.{local}" if name else local) in wanted}
-        if not own:
+        selected = {local: analysed[full] for local, _ in module.named_parameters(recurse=False)
+                    if (full := f"{name}.{local}" if name else local) in analysed}
+        if not selected:
             continue
-        if _rule_class(module) is None or not own <= {"weight", "bias"}:
-            names = sorted(f"{name}.{local}" if name else local for local in own)
+        kind = _kind(module)
+        if kind is None or not set(selected) <= {"weight", "bias"}:
+            names = sorted(f"{name}.{local}" if name else local for local in selected)
             raise Unsupported(f"no rule covers {names} of {name or 'the model'} ({type(module).__name__})")
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if kind in _CONVS:
             if module.groups != 1 or module.padding_mode != "zeros":
                 raise Unsupported(f"{name} ({type(module).__name__}) with groups={module.groups}, "
                                   f"padding_mode={module.padding_mode!r}")
             _conv_padding(module)
-        if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq):
+        if issubclass(kind, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq):
             raise Unsupported(f"{name} (Embedding) with max_norm or scale_grad_by_freq")
-        layers.append(_Layer(name, module, own))
+        layers.append(_Layer(name, module, kind, selected))
+    users: dict[str, list[str]] = {}
+    for layer in layers:
+        for local, own in layer.selected.items():
+            users.setdefault(own, []).append(f"{layer.name}.{local}" if layer.name else local)
+    for own, uses in users.items():
+        if len(uses) > 1 and not all(layer.matrix_weight == own for layer in layers if own in layer.selected.values()):
+            raise Unsupported(f"{own!r} is tied between {uses}: only the weights of Linear, Conv1D and Embedding "
+                              "layers may be tied")
     return layers
 
 
@@ -392,11 +591,15 @@ def _capture(layer: _Layer, module: nn.Module, args: tuple, output: Any) -> Tens
     if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
         raise Unsupported(f"{layer.name} is not called with one input tensor")
     a = args[0]
-    if isinstance(module, _AFFINE):  # read the statistics now: the objective's buffers are in place only here
+    if layer.kind is _ElementwiseAffine and len(args) != 1:
+        raise Unsupported(f"{layer.name} ({type(module).__name__}) is called with {len(args)} inputs")
+    if layer.kind in _AFFINE:  # read the statistics now: the objective's buffers are in place only here
         with torch.no_grad():
-            layer.inputs = _per_example(layer, _normalised(module, a))
+            layer.inputs = _per_example(layer, _normalised(layer, a.detach()))
     else:
         layer.inputs = _per_example(layer, a.detach())
+    if layer.kind is _ScaledEmbedding:  # the objective's copy of the buffer is in place only here
+        layer.scale = torch.as_tensor(module.embed_scale, dtype=output.dtype, device=output.device)
     layer.version = layer.inputs._version
     shared = output.shape[0] != layer.examples
     z = _per_example(layer, output)
@@ -411,23 +614,37 @@ def _capture(layer: _Layer, module: nn.Module, args: tuple, output: Any) -> Tens
 def _correct(layer: _Layer, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
     """Forward hook at the SAM points: the plain layer plus every example's correction ``k_i G_i u'``."""
     layer.calls += 1
+    if layer.step is None:
+        raise Unsupported(f"{layer.name} runs at the SAM points but did not at w")
     z = _per_example(layer, output)
     return torch.addcmul(z, layer.step.correction(_per_example(layer, args[0]), z),
                          layer.k.reshape((-1,) + (1,) * (z.ndim - 1)))
+
+
+def _probe(layer: _Layer, module: nn.Module, args: tuple, output: Any) -> Tensor:
+    """Forward hook of the plan: :func:`_capture`, and the check of a Hugging Face normalisation's form."""
+    z = _capture(layer, module, args, output)
+    if layer.kind is _ElementwiseAffine:
+        _check_elementwise(layer, args[0].detach(), layer.inputs)
+    return z
+
+
+def _unless_busy(hook: Callable[..., Any], layer: _Layer, module: nn.Module, args: tuple, output: Any) -> Any:
+    return None if layer.busy else hook(layer, module, args, output)
 
 
 @contextlib.contextmanager
 def _hooked(layers: Sequence[_Layer], hook: Callable[..., Any], examples: int) -> Iterator[None]:
     for layer in layers:
         layer.calls, layer.examples = 0, examples
-    handles = [layer.module.register_forward_hook(functools.partial(hook, layer)) for layer in layers]
+    handles = [layer.module.register_forward_hook(functools.partial(_unless_busy, hook, layer)) for layer in layers]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
     for layer in layers:
-        if layer.calls != 1:
+        if layer.calls > 1:
             raise Unsupported(f"{layer.name} ran {layer.calls} times in one forward")
 
 
@@ -465,6 +682,20 @@ def _losses(protocol: BatchProtocol, loss: Callable[[Tensor, Tensor], Tensor], o
 
 
 # --------------------------------------------------------------------------------- the first step
+def _tie(layers: Sequence[_Layer]) -> None:
+    """Give every layer sharing a weight one list of the weight's gradient pieces (counted by the first)."""
+    pieces: dict[str, list[_Gradient]] = {}
+    for layer in layers:
+        if layer.matrix_weight is None or not layer.step.weight:
+            continue
+        shared = pieces.get(layer.matrix_weight)
+        if shared is None:
+            pieces[layer.matrix_weight] = layer.step.weight
+        else:
+            shared.extend(layer.step.weight)
+            layer.step.weight, layer.step.counts_weight = shared, False
+
+
 @dataclass
 class LayerRules:
     """The layer rules for one objective: its ruled layers and examples per call."""
@@ -482,28 +713,32 @@ class LayerRules:
         while True:  # again where the model changed a layer's output in place (a ReLU(inplace=True)), on copies
             with torch.enable_grad(), _hooked(self.layers, _capture, batch_size(batch)):
                 losses = _losses(objective.protocol, self.loss, objective.forward(params, batch), batch)
-            changed = [layer for layer in self.layers if layer.output._version != layer.output_version]
+            ran = [layer for layer in self.layers if layer.calls]  # a layer that did not run has no gradient
+            changed = [layer for layer in ran if layer.output._version != layer.output_version]
             if not changed:
                 break
             for layer in changed:  # a copied output is never changed again: at most one pass per layer
                 layer.copy = True
         finite = torch.isfinite(losses.detach())
         total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
-        grads = torch.autograd.grad(total, [layer.output for layer in self.layers], allow_unused=True)
+        grads = list(torch.autograd.grad(total, [layer.output for layer in ran], allow_unused=True))
         everywhere = bool(finite.all())
-        norm2 = torch.zeros_like(losses.detach())
-        for layer, grad in zip(self.layers, grads):
+        for layer in ran:
+            grad = grads.pop(0)
             if layer.inputs._version != layer.version:
                 raise Unsupported(f"the input of {layer.name} is modified in place after the layer")
             if grad is None:
                 grad = torch.zeros_like(layer.output)
             elif not everywhere:
                 grad = torch.where(finite.reshape((-1,) + (1,) * (grad.ndim - 1)), grad, torch.zeros_like(grad))
-            layer.step = _step_of(layer.module)(layer.module, layer.selected, layer.inputs, grad)
-            layer.inputs = layer.output = None
+            layer.step = _step_of(layer.kind)(layer, layer.inputs, grad)
+            layer.inputs = layer.output = grad = None  # the output gradients go as their steps are made
+        _tie(ran)
+        norm2 = torch.zeros_like(losses.detach())
+        for layer in ran:
             norm2 += layer.step.squared_norm()
-        k = first_step_coefficient(norm2.sqrt(), alpha, rho)
-        for layer in self.layers:
+        k = first_step_coefficient(norm2.clamp_min(0.0).sqrt(), alpha, rho)  # cross terms may round below 0
+        for layer in ran:
             layer.k = k
         try:
             with torch.no_grad(), _hooked(self.layers, _correct, batch_size(batch)):
@@ -524,10 +759,13 @@ def layer_rules(objective: Objective, first: Any, examples_per_call: int, elemen
     layers = _layers(objective)
     loss = _loss_per_example(objective.protocol)
     one = take(first, slice(0, 1))
-    with torch.no_grad(), _hooked(layers, _capture, 1):
+    with torch.no_grad(), _hooked(layers, _probe, 1):
         _losses(objective.protocol, loss, objective.forward(objective.params, one), one)
-    per_example = sum(layer.elements_per_example(layer.inputs, layer.output) for layer in layers)
-    for layer in layers:
+    ran = [layer for layer in layers if layer.calls]
+    uses = collections.Counter(layer.matrix_weight for layer in ran)
+    per_example = sum(layer.elements_per_example(layer.inputs, layer.output, uses[layer.matrix_weight])
+                      for layer in ran)
+    for layer in ran:
         layer.inputs = layer.output = None
     count = max(1, min(examples_per_call, element_budget // max(per_example, 1)))
     return LayerRules(objective, layers, loss, count, per_example)

@@ -114,8 +114,10 @@ def select_parameters(model: nn.Module, params: ParamSelection = None) -> list[s
     Args:
         model: the network.
         params: ``None`` (every parameter with ``requires_grad``), a list of names, or a predicate on the
-            name. Names may leave out the ``_orig_mod.`` prefix of a ``torch.compile``d module. Listed names
-            are analysed even when frozen; a predicate sees the trainable ones only.
+            name. Names may leave out the ``_orig_mod.`` prefix of a ``torch.compile``d module; a tied
+            parameter may be listed by any of its names (GPT-2's ``lm_head.weight`` is
+            ``transformer.wte.weight``, the name it is analysed under). Listed names are analysed even when
+            frozen; a predicate sees the trainable ones only (each under its first name).
 
     Raises:
         ValueError: a listed name is not a parameter, or nothing is selected.
@@ -132,13 +134,15 @@ def select_parameters(model: nn.Module, params: ParamSelection = None) -> list[s
         raise ValueError(f"params takes a list of names or a predicate, not one string; got {params!r} "
                          f"(write [{params!r}])")
     else:
-        wanted = set(params)
-        by_plain = {_plain(n): n for n in named}
-        unknown = sorted(n for n in wanted if n not in named and n not in by_plain)
+        first: dict[int, str] = {}
+        own = {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
+        own.update({_plain(n): name for n, name in own.items()})  # every name, tied ones too -> the first one
+        unknown = sorted(n for n in set(params) if n not in own)
         if unknown:
             raise ValueError(f"params names {unknown} are not parameters of the model; its parameters include "
-                             f"{list(by_plain)[:6]}")
-        chosen = [n for n in named if n in wanted or _plain(n) in wanted]
+                             f"{[_plain(n) for n in named][:6]}")
+        wanted = {own[n] for n in params}
+        chosen = [n for n in named if n in wanted]
     if not chosen:
         raise ValueError("no parameter to analyse: the model has none with requires_grad=True, or params= selects "
                          "none of them")

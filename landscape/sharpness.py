@@ -106,7 +106,11 @@ _EXAMPLES_PER_CALL = {"cpu": 128, "cuda": 1024}
 # The per-layer rules at m = 1 take the same: 0.43-0.44 s for the whole set from 128 to 512 examples per call,
 # 0.49 s at 64 (2 threads, one process, medians of 8).
 _PARAM_ELEMENTS_PER_CALL = 2**24  # stacked perturbation elements in one vmapped call (64 MiB in float32)
-_LAYER_RULES_CPU_ELEMENTS = 2**25  # values the layer rules keep in one call on the CPU (128 MiB in float32)
+# Values the layer rules keep in one call on the CPU (512 MiB in float32). Language models keep far more per
+# example than the digits CNN (a 4-layer GPT-2 and Llama of width 128 on 64 tokens: 3.2M and 3.8M values):
+# at 2**25, 10 and 8 examples per call took 2.20 and 3.14 s for 256 sequences, at 2**27 (42 and 35) 1.84 and
+# 2.27 s (2 threads, medians of 5 interleaved rounds).
+_LAYER_RULES_CPU_ELEMENTS = 2**27
 _CHECKED_EXAMPLES = 2  # examples on which the layer rules are checked against the loop
 _TINY = 1e-12
 _APGD_MOMENTUM = 0.75  # Croce & Hein 2020, Sec. 3.2
@@ -603,7 +607,8 @@ def _per_chunk_arrays(bases: list[Tensor], bests: list[Tensor], *, m: int, n_exa
 
 
 def _element_budget(device: torch.device, dtype: torch.dtype) -> int:
-    """Values the layer rules may keep in one call: ``2**25`` on the CPU, a quarter of the free memory on a GPU."""
+    """Values the layer rules may keep in one call: ``2**27`` on the CPU, a quarter of the free memory on a GPU
+    (at least ``2**27``)."""
     if device.type != "cuda":
         return _LAYER_RULES_CPU_ELEMENTS
     free, _ = torch.cuda.mem_get_info(device)
@@ -759,7 +764,7 @@ def m_sharpness(
         seed: seed of the random partition into chunks.
         batched: vectorise over chunks with ``torch.vmap`` (``False``: a Python loop over chunks).
         examples_per_call: examples evaluated in one vmapped call (chunk size x chunks; default 128 on
-            the CPU, 1024 on a GPU; the layer rules take fewer where what they keep would pass ``2**25``
+            the CPU, 1024 on a GPU; the layer rules take fewer where what they keep would pass ``2**27``
             values on the CPU, a quarter of the free memory on a GPU); chunks larger than this are evaluated
             one at a time in sub-batches of this size.
         layer_rules: for ``m = 1`` with one step, ``p = 2`` and ``adaptive=False`` (with ``batched``), compute

@@ -28,7 +28,8 @@ def _results(work: Path, *, sam_ratio: float = 2.01, hvp: float = 2.5) -> None:
                                    "auto_vs_loss_landscapes": {"ratio": None, "required": 1.0, "met": None},
                                    "best_ours_vs_plain_loop_gpu": {"ratio": 6.5, "required": 5.0, "met": True}}},
              "hessian": {"hvp_method_auto": "jvp", "hvp_over_gradient_auto": hvp},
-             "sharpness": {"m1_speedup_over_loop": 12.0}}
+             "sharpness": {"m1_speedup_over_loop": 12.0},
+             "sharpness_lm": {"m1_speedup_over_loop": {"gpt2": 31.0, "llama": 27.5}}}
     for name, data in parts.items():
         (work / f"{name}.json").write_text(json.dumps(data))
         (work / f"{name}.log").write_text(f"{name} table\n")
@@ -46,6 +47,7 @@ def test_the_section_says_which_goals_are_met(tmp_path):
     assert "| surface, plain loop / default time | 5.9 | >= 0.952 | yes |" in text
     assert "| surface, loss-landscapes / default time | - | >= 1 | n/a |" in text
     assert "| m = 1 sharpness, loop / default time | 12 | >= 10 | yes |" in text
+    assert "| m = 1 sharpness of llama, loop / default time | 27.5 | report | yes |" in text
     assert "```text\nhessian table\n```" in text
 
 

@@ -13,10 +13,12 @@ import types
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from landscape import sharpness
 from sam import SAM
 from sam.optim import frozen_running_stats
 
@@ -67,6 +69,10 @@ def test_the_hugging_face_example_runs_and_its_surface_centre_is_the_mean_over_r
     assert last[0] <= top[0] * (1 + 1e-3)  # a principal submatrix's eigenvalues interlace the whole's
     assert 0.0 <= line.accuracy[5] <= 1.0
     assert names["sharp"].value > 0
+    per_sequence = names["per_sequence"]  # by the per-layer rules, against the loop over sequences
+    looped = sharpness.m_sharpness(model, None, loader, m=1, rho=0.05, batched=False, progress=False)
+    assert per_sequence.settings["method"] == "layer_rules" and looped.settings["method"] == "loop"
+    np.testing.assert_allclose(per_sequence.per_chunk, looped.per_chunk, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.slow

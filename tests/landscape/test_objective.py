@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from landscape.data import BatchSource
-from landscape.objective import HessianOperator, NondeterministicObjective, Objective, ParamLayout
+from landscape.objective import HessianOperator, NondeterministicObjective, Objective, ParamLayout, select_parameters
 
 F64 = torch.float64
 
@@ -155,6 +155,16 @@ def test_frozen_parameters_are_fixed_not_analysed():
     with torch.no_grad():
         expected = F.cross_entropy(model.to(F64)(mlp_data()[0].to(F64)), mlp_data()[1])
     assert float(objective.loss()) == pytest.approx(float(expected), rel=1e-13)
+
+
+def test_a_tied_parameter_may_be_named_by_any_of_its_names():
+    """GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``: either name selects it, under its first name."""
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    model[1].weight = model[0].weight
+    assert select_parameters(model, ["1.weight"]) == ["0.weight"]
+    assert select_parameters(model, ["0.weight", "1.weight"]) == ["0.weight"]
+    with pytest.raises(ValueError, match=r"params names \['2.weight'\] are not parameters of the model"):
+        select_parameters(model, ["2.weight"])
 
 
 def test_auto_hvp_method_picks_a_working_method():
