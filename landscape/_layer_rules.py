@@ -630,6 +630,7 @@ def _probe(layer: _Layer, module: nn.Module, args: tuple, output: Any) -> Tensor
 
 
 def _unless_busy(hook: Callable[..., Any], layer: _Layer, module: nn.Module, args: tuple, output: Any) -> Any:
+    """``hook``, except while the rules call the module themselves (:func:`_slope`): output left as it is."""
     return None if layer.busy else hook(layer, module, args, output)
 
 
