@@ -37,9 +37,11 @@ covered):
   they compute in; checked once, along a second direction, to be that channel by channel over the last
   dimension), so ``dgamma_i = sum d_i * xhat_i`` and ``dbeta_i = sum d_i``, small enough to materialise.
 
-A module that does not run contributes nothing. Anything else (a parameter of another module, one module
-called twice, a tie involving a bias, a norm or a convolution, a loss that cannot be taken per example)
-raises :class:`Unsupported`, and
+A module that runs several times in one forward (ALBERT's shared layers, an embedding shared by an encoder
+and a decoder) has the sum over its calls as its gradient, as a tied weight has over its uses; one that does
+not run contributes nothing. Anything else (a parameter of another module, a convolution that runs twice, a
+tie involving a bias, a norm or a convolution, a loss that cannot be taken per example) raises
+:class:`Unsupported`, and
 :func:`landscape.sharpness.m_sharpness` uses vmap. References: Goodfellow, "Efficient per-example gradient
 computations", 2015; Li et al., "Large language models can be strong differentially private learners", ICLR
 2022; Bu et al., "Scalable and efficient training of large convolutional neural networks with differential
@@ -327,6 +329,12 @@ class _Matrix:
                                    else piece.rows.mT @ piece.cols)
         return step
 
+    def absorb(self, other: _Matrix) -> None:
+        """Add another call's gradient: its weight's piece to the list, its bias gradient to the sum."""
+        self.weight.extend(other.weight)
+        if other.b is not None:
+            self.b = other.b if self.b is None else self.b + other.b
+
     def squared_norm(self) -> Tensor:
         total = torch.linalg.vector_norm(self.b, dim=1).square() if self.b is not None else 0
         return total + _squared_norm(self.weight) if self.counts_weight and self.weight else total
@@ -413,6 +421,11 @@ class _Affine:
         beta = D.sum(1) if "bias" in layer.selected else None
         return cls(layer, gamma, beta)
 
+    def absorb(self, other: _Affine) -> None:
+        """Add another call's ``dgamma`` and ``dbeta``."""
+        self.gamma = None if self.gamma is None else self.gamma + other.gamma
+        self.beta = None if self.beta is None else self.beta + other.beta
+
     def squared_norm(self) -> Tensor:
         return sum(torch.linalg.vector_norm(t, dim=1).square() for t in (self.gamma, self.beta) if t is not None)
 
@@ -487,6 +500,17 @@ def _normalised(layer: _Layer, a: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------- the model
 @dataclass
+class _Call:
+    """What one call of a layer showed: its input (a normalisation's ``xhat``) and the output whose gradient is
+    read (a leaf if nothing before it needs one), with their versions (to see in-place changes)."""
+
+    inputs: Tensor
+    version: int
+    output: Tensor
+    output_version: int
+
+
+@dataclass
 class _Layer:
     """A module owning analysed parameters, and what the last forward showed it."""
 
@@ -497,10 +521,7 @@ class _Layer:
     examples: int = 0  # E, the examples of the forward under way
     calls: int = 0
     busy: bool = False  # the rules call the module themselves (a JVP): its hooks stand aside
-    inputs: Tensor | None = None
-    version: int = 0
-    output: Tensor | None = None  # the output whose gradient is read (a leaf if nothing before it needs one)
-    output_version: int = 0
+    seen: list[_Call] = field(default_factory=list)  # the calls of the forward at w
     copy: bool = False  # hand the model a copy of the output (it changes the output in place)
     scale: Tensor | None = None  # a scaled embedding's s, as the forward under way has it
     step: _Step | None = None
@@ -595,20 +616,19 @@ def _capture(layer: _Layer, module: nn.Module, args: tuple, output: Any) -> Tens
         raise Unsupported(f"{layer.name} ({type(module).__name__}) is called with {len(args)} inputs")
     if layer.kind in _AFFINE:  # read the statistics now: the objective's buffers are in place only here
         with torch.no_grad():
-            layer.inputs = _per_example(layer, _normalised(layer, a.detach()))
+            inputs = _per_example(layer, _normalised(layer, a.detach()))
     else:
-        layer.inputs = _per_example(layer, a.detach())
+        inputs = _per_example(layer, a.detach())
     if layer.kind is _ScaledEmbedding:  # the objective's copy of the buffer is in place only here
         layer.scale = torch.as_tensor(module.embed_scale, dtype=output.dtype, device=output.device)
-    layer.version = layer.inputs._version
     shared = output.shape[0] != layer.examples
     z = _per_example(layer, output)
     if shared and output.requires_grad:
         raise Unsupported(f"{layer.name} is shared by every example but depends on earlier parameters")
     leaf = shared or not z.requires_grad
-    layer.output = z.detach().requires_grad_() if leaf else z
-    layer.output_version = layer.output._version
-    return layer.output.clone() if leaf or layer.copy else layer.output
+    kept = z.detach().requires_grad_() if leaf else z
+    layer.seen.append(_Call(inputs, inputs._version, kept, kept._version))
+    return kept.clone() if leaf or layer.copy else kept
 
 
 def _correct(layer: _Layer, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
@@ -625,7 +645,7 @@ def _probe(layer: _Layer, module: nn.Module, args: tuple, output: Any) -> Tensor
     """Forward hook of the plan: :func:`_capture`, and the check of a Hugging Face normalisation's form."""
     z = _capture(layer, module, args, output)
     if layer.kind is _ElementwiseAffine:
-        _check_elementwise(layer, args[0].detach(), layer.inputs)
+        _check_elementwise(layer, args[0].detach(), layer.seen[-1].inputs)
     return z
 
 
@@ -637,7 +657,7 @@ def _unless_busy(hook: Callable[..., Any], layer: _Layer, module: nn.Module, arg
 @contextlib.contextmanager
 def _hooked(layers: Sequence[_Layer], hook: Callable[..., Any], examples: int) -> Iterator[None]:
     for layer in layers:
-        layer.calls, layer.examples = 0, examples
+        layer.calls, layer.examples, layer.seen = 0, examples, []
     handles = [layer.module.register_forward_hook(functools.partial(_unless_busy, hook, layer)) for layer in layers]
     try:
         yield
@@ -645,8 +665,8 @@ def _hooked(layers: Sequence[_Layer], hook: Callable[..., Any], examples: int) -
         for handle in handles:
             handle.remove()
     for layer in layers:
-        if layer.calls > 1:
-            raise Unsupported(f"{layer.name} ran {layer.calls} times in one forward")
+        if layer.calls > 1 and layer.kind in _CONVS:
+            raise Unsupported(f"{layer.name} ({type(layer.module).__name__}) ran {layer.calls} times in one forward")
 
 
 # ------------------------------------------------------------------------------------ the loss
@@ -711,29 +731,37 @@ class LayerRules:
         """``(l_i(w), l_i(w + eps_i))`` for every example ``i`` of ``batch``, ``eps_i`` the SAM step of its own
         loss (module docstring); NaN for an example without loss terms."""
         objective, params = self.objective, self.objective.params
+        for layer in self.layers:  # nothing left from a call that stopped with an error
+            layer.step = layer.k = None
         while True:  # again where the model changed a layer's output in place (a ReLU(inplace=True)), on copies
             with torch.enable_grad(), _hooked(self.layers, _capture, batch_size(batch)):
                 losses = _losses(objective.protocol, self.loss, objective.forward(params, batch), batch)
-            ran = [layer for layer in self.layers if layer.calls]  # a layer that did not run has no gradient
-            changed = [layer for layer in ran if layer.output._version != layer.output_version]
+            ran = [layer for layer in self.layers if layer.seen]  # a layer that did not run has no gradient
+            changed = [layer for layer in ran if any(c.output._version != c.output_version for c in layer.seen)]
             if not changed:
                 break
             for layer in changed:  # a copied output is never changed again: at most one pass per layer
                 layer.copy = True
         finite = torch.isfinite(losses.detach())
         total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
-        grads = list(torch.autograd.grad(total, [layer.output for layer in ran], allow_unused=True))
+        grads = iter(torch.autograd.grad(total, [c.output for layer in ran for c in layer.seen], allow_unused=True))
         everywhere = bool(finite.all())
         for layer in ran:
-            grad = grads.pop(0)
-            if layer.inputs._version != layer.version:
-                raise Unsupported(f"the input of {layer.name} is modified in place after the layer")
-            if grad is None:
-                grad = torch.zeros_like(layer.output)
-            elif not everywhere:
-                grad = torch.where(finite.reshape((-1,) + (1,) * (grad.ndim - 1)), grad, torch.zeros_like(grad))
-            layer.step = _step_of(layer.kind)(layer, layer.inputs, grad)
-            layer.inputs = layer.output = grad = None  # the output gradients go as their steps are made
+            for call in layer.seen:
+                grad = next(grads)
+                if call.inputs._version != call.version:
+                    raise Unsupported(f"the input of {layer.name} is modified in place after the layer")
+                if grad is None:
+                    grad = torch.zeros_like(call.output)
+                elif not everywhere:
+                    grad = torch.where(finite.reshape((-1,) + (1,) * (grad.ndim - 1)), grad, torch.zeros_like(grad))
+                step = _step_of(layer.kind)(layer, call.inputs, grad)
+                if layer.step is None:
+                    layer.step = step
+                else:  # another call of the same layer: the gradient is the sum over its calls
+                    layer.step.absorb(step)
+            layer.seen = []  # the output gradients go as their steps are made
+        grad = grads = None
         _tie(ran)
         norm2 = torch.zeros_like(losses.detach())
         for layer in ran:
@@ -762,11 +790,13 @@ def layer_rules(objective: Objective, first: Any, examples_per_call: int, elemen
     one = take(first, slice(0, 1))
     with torch.no_grad(), _hooked(layers, _probe, 1):
         _losses(objective.protocol, loss, objective.forward(objective.params, one), one)
-    ran = [layer for layer in layers if layer.calls]
-    uses = collections.Counter(layer.matrix_weight for layer in ran)
-    per_example = sum(layer.elements_per_example(layer.inputs, layer.output, uses[layer.matrix_weight])
-                      for layer in ran)
+    ran = [layer for layer in layers if layer.seen]
+    uses = collections.Counter()  # the uses of every matrix weight: its layers' calls
     for layer in ran:
-        layer.inputs = layer.output = None
+        uses[layer.matrix_weight] += len(layer.seen)
+    per_example = sum(layer.elements_per_example(call.inputs, call.output, uses[layer.matrix_weight])
+                      for layer in ran for call in layer.seen)
+    for layer in ran:
+        layer.seen = []
     count = max(1, min(examples_per_call, element_budget // max(per_example, 1)))
     return LayerRules(objective, layers, loss, count, per_example)

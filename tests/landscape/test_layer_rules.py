@@ -540,6 +540,46 @@ class Twice(nn.Module):
         return self.fc(torch.tanh(self.fc(x)))[:, :3]
 
 
+class ConvTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(28)
+        self.conv = nn.Conv1d(1, 1, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.conv(torch.tanh(self.conv(x[:, None])))[:, 0])
+
+
+def test_a_linear_layer_called_twice_matches_autograd_by_hand():
+    """Its gradient is the sum over its two calls (the cross term between them in the norm), and both calls
+    are corrected with the sum."""
+    g = torch.Generator().manual_seed(29)
+    X, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+    result = m1(Twice(), F.cross_entropy, (X, y))
+    assert result.settings["method"] == "layer_rules"
+    np.testing.assert_allclose(result.per_chunk, by_hand(Twice(), pairs(X, y), ce_of), rtol=1e-10, atol=1e-15)
+
+
+def test_albert_whose_layers_are_shared_matches_autograd_by_hand():
+    """ALBERT runs one transformer layer (its Linear layers and LayerNorms) three times."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.AlbertConfig(vocab_size=VOCAB, embedding_size=4, hidden_size=8, num_hidden_layers=3,
+                                       num_attention_heads=2, intermediate_size=16, max_position_embeddings=8,
+                                       num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                       classifier_dropout_prob=0.0)
+    model = transformers.AlbertForSequenceClassification(config).eval()
+    data = token_batch(6)
+    data = {"input_ids": data["input_ids"], "attention_mask": (data["input_ids"] != 0).long(),
+            "labels": torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(30))}
+    result = m1(model, None, data, batch_size=4)
+    examples = [{k: v[i : i + 1] for k, v in data.items()} for i in range(6)]
+    assert result.settings["method"] == "layer_rules"
+    np.testing.assert_allclose(result.per_chunk, by_hand(model, examples, lambda m, one: m(**one).loss),
+                               rtol=1e-9, atol=1e-15)
+
+
 class WeightUsedOutside(nn.Module):
     """``fc``'s weight also enters through ``F.linear``, which no hook sees: only the check against the loop
     can tell."""
@@ -571,7 +611,7 @@ def linear() -> nn.Module:
 FALLBACKS = {
     "a parameter outside any module": (ExtraScale, {}),
     "a tied bias": (TiedBias, {}),
-    "a module called twice": (Twice, {}),
+    "a convolution called twice": (ConvTwice, {}),
     "a grouped convolution": (grouped, {}),
     "padding='same' with an even kernel": (even_same, {}),
     "adaptive": (ExtraScale, {"adaptive": True}),
@@ -624,9 +664,9 @@ def test_an_unsupported_model_is_named():
                                               (torch.randn(4, 4), torch.randint(0, 3, (4,))), dtype=F64)
     with pytest.raises(_layer_rules.Unsupported, match=r"'inp.bias' is tied between \['inp.bias', 'out.bias'\]"):
         _layer_rules.layer_rules(objective, objective.source.first(), 4, 10**9)
-    objective = sharpness.sharpness_objective(Twice(), F.cross_entropy,
+    objective = sharpness.sharpness_objective(ConvTwice(), F.cross_entropy,
                                               (torch.randn(4, 4), torch.randint(0, 3, (4,))), dtype=F64)
-    with pytest.raises(_layer_rules.Unsupported, match="fc ran 2 times"):
+    with pytest.raises(_layer_rules.Unsupported, match=r"conv \(Conv1d\) ran 2 times"):
         _layer_rules.layer_rules(objective, take(objective.source.first(), slice(0, 2)), 4, 10**9)
 
 
