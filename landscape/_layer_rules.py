@@ -534,11 +534,11 @@ class _Layer:
         return self.selected.get("weight") if issubclass(self.kind, _MATRICES) else None
 
     def elements_per_example(self, a: Tensor, z: Tensor, uses: int = 1) -> int:
-        """What the rules keep per example for this layer: its input, its output with the output's gradient and
-        a correction per use of its weight (``uses`` layers share it), a convolution's unfolded input, and
-        ``G`` or the ghost norm's operands and Gram matrices (a plan for the memory of a call; a language
-        model's output layer is most of it)."""
-        outputs = (2 + uses) * z[0].numel()
+        """What the rules keep per example for one call of this layer: its input, its output with the output's
+        gradient and correction (and one more for the sum of the pieces of a weight with ``uses > 1`` uses), a
+        convolution's unfolded input, and ``G`` or the ghost norm's operands and Gram matrices (a plan for the
+        memory of a call; a language model's output layer is most of it)."""
+        outputs = (3 + (uses > 1)) * z[0].numel()
         if issubclass(self.kind, nn.Embedding):
             T = a[0].numel()
             return 3 * T * T + outputs
