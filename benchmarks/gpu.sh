@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU validation, one command on a machine with one NVIDIA GPU (at most 8 minutes):
 #   the GPU tests (pytest -m gpu), then the step, surface, Hessian-vector-product and sharpness
-#   benchmarks on the GPU, each against its goal (and m = 1 sharpness of GPT-2 and Llama, reported); their results replace the "GPU validation" section
-#   of benchmarks/RESULTS.md (card name, torch version, date).
+#   benchmarks on the GPU, each against its goal (and m = 1 sharpness of GPT-2 and Llama, reported);
+#   their results replace the "GPU validation" section of benchmarks/RESULTS.md (card name, torch
+#   version, date).
 #
 #   bash benchmarks/gpu.sh          # on the GPU machine, from the repository root or anywhere
 #   bash benchmarks/gpu.sh --dry    # every part on the CPU at toy size (< 5 minutes); RESULTS.md untouched

@@ -137,11 +137,12 @@ def select_parameters(model: nn.Module, params: ParamSelection = None) -> list[s
         first: dict[int, str] = {}
         own = {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
         own.update({_plain(n): name for n, name in own.items()})  # every name, tied ones too -> the first one
-        unknown = sorted(n for n in set(params) if n not in own)
+        listed = set(params)
+        unknown = sorted(n for n in listed if n not in own)
         if unknown:
             raise ValueError(f"params names {unknown} are not parameters of the model; its parameters include "
                              f"{[_plain(n) for n in named][:6]}")
-        wanted = {own[n] for n in params}
+        wanted = {own[n] for n in listed}
         chosen = [n for n in named if n in wanted]
     if not chosen:
         raise ValueError("no parameter to analyse: the model has none with requires_grad=True, or params= selects "

@@ -163,6 +163,7 @@ def test_a_tied_parameter_may_be_named_by_any_of_its_names():
     model[1].weight = model[0].weight
     assert select_parameters(model, ["1.weight"]) == ["0.weight"]
     assert select_parameters(model, ["0.weight", "1.weight"]) == ["0.weight"]
+    assert select_parameters(model, (name for name in ["1.weight"])) == ["0.weight"]  # any iterable, read once
     with pytest.raises(ValueError, match=r"params names \['2.weight'\] are not parameters of the model"):
         select_parameters(model, ["2.weight"])
 
