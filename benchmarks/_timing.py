@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["synchronize", "time_steps", "timed_rounds"]
+__all__ = ["ratios_to_loops", "synchronize", "time_steps", "timed_rounds"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -43,3 +44,13 @@ def time_steps(
 ) -> dict[str, list[float]]:
     """Wall seconds of every step once per round (:func:`timed_rounds` without the CPU times)."""
     return {name: t["wall"] for name, t in timed_rounds(make_step, device, warmup, rounds).items()}
+
+
+def ratios_to_loops(times: dict[str, dict[str, list[float]]], loop: str, hand: str) -> dict[str, dict[str, object]]:
+    """Every contender's wall and CPU medians of :func:`timed_rounds`' ``times``, and its speed-ups over the
+    contenders ``loop`` and ``hand`` (their median time over its own)."""
+    wall = {name: statistics.median(t["wall"]) for name, t in times.items()}
+    cpu = {name: statistics.median(t["cpu"]) for name, t in times.items()}
+    return {name: {"wall_s": wall[name], "wall_s_all": times[name]["wall"], "cpu_s": cpu[name],
+                   "x_loop": wall[loop] / wall[name], "x_autograd_loop": wall[hand] / wall[name],
+                   "x_loop_cpu": cpu[loop] / cpu[name]} for name in times}

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from _cached_run import add_run_arguments, trained_run
-from _timing import timed_rounds
+from _timing import ratios_to_loops, timed_rounds
 from landscape.sharpness import _examples_per_call, _partition, m_sharpness, sharpness_objective
 
 RHO = 0.05
@@ -97,9 +96,8 @@ def bench_m(args: argparse.Namespace, objective, model: torch.nn.Module, X: torc
     contenders["loop (autograd, in place)"] = by_hand
 
     times = timed_rounds(contenders, device, warmup=1, rounds=args.repeats)
-    wall = {name: statistics.median(t["wall"]) for name, t in times.items()}
-    cpu = {name: statistics.median(t["cpu"]) for name, t in times.items()}
     loop, hand = "loop (ours)", "loop (autograd, in place)"
+    ratios = ratios_to_loops(times, loop, hand)
     n_chunks = X.shape[0] // m
     print(f"\nm = {m}: {n_chunks} chunks; value {values[loop]:.6f}; max |difference| to loop (ours): "
           + ", ".join(f"{k} {abs(v - values[loop]):.1e}" for k, v in values.items() if k != loop))
@@ -108,10 +106,8 @@ def bench_m(args: argparse.Namespace, objective, model: torch.nn.Module, X: torc
     rows = []
     for name in contenders:
         row = {"m": m, "contender": name, "method": methods.get(name, "autograd"),
-               "examples_per_call": per_call.get(name), "wall_s": wall[name], "wall_s_all": times[name]["wall"],
-               "cpu_s": cpu[name], "chunks_per_s": n_chunks / wall[name], "x_loop": wall[loop] / wall[name],
-               "x_autograd_loop": wall[hand] / wall[name], "x_loop_cpu": cpu[loop] / cpu[name], "value": values[name],
-               "default": name == "default"}
+               "examples_per_call": per_call.get(name), **ratios[name],
+               "chunks_per_s": n_chunks / ratios[name]["wall_s"], "value": values[name], "default": name == "default"}
         rows.append(row)
         print(f"{name:<30}{row['wall_s']:>9.3f}{row['chunks_per_s']:>10.0f}{row['x_loop']:>9.2f}"
               f"{row['x_autograd_loop']:>11.2f}{row['cpu_s']:>9.3f}{row['x_loop_cpu']:>9.2f}")

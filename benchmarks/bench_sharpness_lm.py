@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from _timing import timed_rounds
+from _timing import ratios_to_loops, timed_rounds
 from landscape.sharpness import m_sharpness, sharpness_objective
 
 RHO = 0.05
@@ -111,9 +110,8 @@ def bench_family(args: argparse.Namespace, family: str) -> list[dict]:
     times = timed_rounds(contenders, device, warmup=1, rounds=args.repeats)
     if methods["default"] != "layer_rules":  # the benchmark would time something else
         raise SystemExit(f"{family}: the default ran {methods['default']!r}, not the layer rules")
-    wall = {name: statistics.median(t["wall"]) for name, t in times.items()}
-    cpu = {name: statistics.median(t["cpu"]) for name, t in times.items()}
     loop, hand = "loop (ours)", "loop (autograd, in place)"
+    ratios = ratios_to_loops(times, loop, hand)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"\n{family}: {n_params} parameters, {args.sequences} sequences of <= {args.length} tokens; value "
           f"{values[loop]:.6f}; |difference| to loop (ours): "
@@ -121,10 +119,8 @@ def bench_family(args: argparse.Namespace, family: str) -> list[dict]:
     print(f"{'contender':<30}{'method':>13}{'wall s':>9}{'x loop':>9}{'x autograd':>11}{'cpu s':>9}{'x loop':>9}")
     rows = []
     for name in contenders:
-        row = {"model": family, "parameters": n_params, "contender": name, "method": methods[name],
-               "wall_s": wall[name], "wall_s_all": times[name]["wall"], "cpu_s": cpu[name],
-               "x_loop": wall[loop] / wall[name], "x_autograd_loop": wall[hand] / wall[name],
-               "x_loop_cpu": cpu[loop] / cpu[name], "value": values[name]}
+        row = {"model": family, "parameters": n_params, "contender": name, "method": methods[name], **ratios[name],
+               "value": values[name]}
         rows.append(row)
         print(f"{name:<30}{row['method']:>13}{row['wall_s']:>9.3f}{row['x_loop']:>9.2f}{row['x_autograd_loop']:>11.2f}"
               f"{row['cpu_s']:>9.3f}{row['x_loop_cpu']:>9.2f}")
